@@ -1,0 +1,108 @@
+"""The engine contract every backend meets (in-process, vLLM pool, remote worker).
+
+The gateway tokenises, routes and formats; an engine turns one prompt (token ids) of one size into
+a stream of :class:`TokenEvent`. ``n > 1`` is n requests to the engine. Stop strings, penalties,
+seeds and logprobs are the engine's job, so every backend honours them the same way.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()  # besides the tokenizer's EOS
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: none; 0: the chosen token's; N: also the top N
+    prompt_logprobs: int | None = None  # for completions `echo` (same meaning as logprobs)
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    size: str  # a FamilySize name, e.g. "k3"
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()  # (token id, token text, logprob), best first
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step of one request. ``text`` is the new detokenised text (may be empty while a
+    multi-byte character or a possible stop string is held back). The last event of a request
+    has ``finish_reason`` set ("stop" or "length") and carries the usage counts."""
+
+    token_ids: tuple[int, ...] = ()
+    text: str = ""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # first event only, if asked
+
+
+@dataclass(frozen=True)
+class SizeLoad:
+    """Live load of one size, for routing and metrics."""
+
+    running: int = 0
+    waiting: int = 0
+    prefill_tokens_per_s: float | None = None  # moving average
+    decode_step_s: float | None = None  # moving average at the current batch size
+
+
+class EngineError(Exception):
+    """An engine could not serve a request (dead replica, bad request it discovered)."""
+
+
+class QueueFull(EngineError):
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Engine(abc.ABC):
+    """Async facade over a backend. Implementations never block the event loop."""
+
+    @property
+    @abc.abstractmethod
+    def sizes(self) -> tuple[str, ...]:
+        """Size names this engine can serve now."""
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def stop(self) -> None: ...
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Stream events for one request; raises QueueFull at admission, EngineError on failure.
+        Closing the iterator early (client gone) aborts the request."""
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def healthy(self) -> bool: ...
+
+    @abc.abstractmethod
+    def load(self, size: str) -> SizeLoad: ...
