@@ -27,6 +27,7 @@ class ArchAdapter:
     norm: str  # on base
     head: str  # on the causal LM
     rotary: str | None  # on base; shared by every size, holds only buffers
+    head_checkpoint_key: str = ""  # the head's name in standard checkpoints, if not ``head``
 
     def base_model(self, model: nn.Module) -> nn.Module:
         return getattr(model, self.base)
@@ -67,7 +68,7 @@ class ArchAdapter:
     def state_key(self, part: str, depth: int | None = None) -> str:
         """Checkpoint key prefix of a part: ``embed``, ``norm``, ``head`` or ``layer`` (with depth)."""
         if part == "head":
-            return self.head
+            return self.head_checkpoint_key or self.head
         if part == "layer":
             return f"{self.base}.{self.layers}.{depth}"
         return f"{self.base}.{getattr(self, part)}"
@@ -91,8 +92,9 @@ GPT_NEOX = ArchAdapter(
     embed="embed_in",
     layers="layers",
     norm="final_layer_norm",
-    head="embed_out",
+    head="lm_head",
     rotary="rotary_emb",
+    head_checkpoint_key="embed_out",
 )
 
 ADAPTERS: tuple[ArchAdapter, ...] = (LLAMA_FAMILY, GPT_NEOX)
