@@ -25,3 +25,11 @@ class SizeOutOfRange(BoomerangError):
 
 class ModelNotFound(BoomerangError):
     pass
+
+
+class CorpusError(BoomerangError):
+    """A text source that is missing, empty or unreachable."""
+
+
+class RecipeError(BoomerangError):
+    """Distillation settings that cannot work (a negative budget, a zero learning rate...)."""
