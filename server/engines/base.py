@@ -57,6 +57,7 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # first event only, if asked
+    queue_s: float | None = None  # first event only: seconds the request waited before its prefill began
 
 
 @dataclass(frozen=True)
