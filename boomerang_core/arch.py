@@ -137,6 +137,5 @@ def check_pair(teacher: PretrainedConfig, student: PretrainedConfig) -> None:
         raise IncompatiblePair("teacher and student do not match: " + "; ".join(problems))
     if student.num_hidden_layers > teacher.num_hidden_layers:
         raise IncompatiblePair(
-            f"the student has {student.num_hidden_layers} layers, more than the teacher's "
-            f"{teacher.num_hidden_layers}"
+            f"the student has {student.num_hidden_layers} layers, more than the teacher's {teacher.num_hidden_layers}"
         )

@@ -28,7 +28,9 @@ class DepthCacheView:
         self._cache = cache
         self._depth = depth
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> Any:
         return self._cache.update(key_states, value_states, self._depth, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

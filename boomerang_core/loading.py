@@ -49,10 +49,12 @@ def load_causal_lm(
     except OSError as exc:
         raise ModelNotFound(f"cannot load model from '{source}': {exc}") from None
     clean_config(model.config)
-    model.hf_quantizer = None  # GGUF weights are dequantised on load; what remains is plain torch
-    model.is_quantized = False
+    # GGUF weights are dequantised on load: what remains is a plain torch model.
+    setattr(model, "hf_quantizer", None)  # noqa: B010
+    setattr(model, "is_quantized", False)  # noqa: B010
     model.requires_grad_(False)
-    return model.to(device).eval()
+    model.to(torch.device(device))
+    return model.eval()
 
 
 def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:

@@ -60,13 +60,24 @@ def tiny_config(arch: str = "llama", layers: int = 6, tied: bool = True) -> Pret
     common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=layers, max_position_embeddings=512)
     if arch == "gpt_neox":
         return GPTNeoXConfig(
-            **common, intermediate_size=128, num_attention_heads=4, tie_word_embeddings=False,
-            use_parallel_residual=True, rotary_pct=0.25,
+            **common,
+            intermediate_size=128,
+            num_attention_heads=4,
+            tie_word_embeddings=False,
+            use_parallel_residual=True,
+            rotary_pct=0.25,
         )
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
     cfg = cls(
-        **common, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        tie_word_embeddings=tied, eos_token_id=2, bos_token_id=1, pad_token_id=0,
+        **common,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=tied,
+        eos_token_id=2,
+        bos_token_id=1,
+        pad_token_id=0,
     )
     return cfg
 
@@ -77,7 +88,7 @@ def tiny_teacher(arch: str = "llama", layers: int = 6, seed: int = 0, tied: bool
     cfg.eos_token_id, cfg.bos_token_id, cfg.pad_token_id = 2, 1, 0
     model = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # larger weights than the default init, so that layers matter
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
     return model
@@ -97,7 +108,7 @@ def prune_copy(teacher: PreTrainedModel, spec: StudentSpec, noise: float = 0.02,
     for key, value in sd.items():
         prefix = f"{base}.layers."
         if key.startswith(prefix):
-            idx, rest = key[len(prefix):].split(".", 1)
+            idx, rest = key[len(prefix) :].split(".", 1)
             if int(idx) in spec.copied_teacher_layers:
                 mapped[f"{prefix}{spec.copied_teacher_layers.index(int(idx))}.{rest}"] = value.clone()
         else:

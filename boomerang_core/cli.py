@@ -1,0 +1,168 @@
+"""`boomerang` command line: sizes, distill, export, eval, serve. Every command defaults to the
+demo family; ``--teacher``/``--student`` name another pair (HF directories, GGUF files or hub ids)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from boomerang_core.errors import BoomerangError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _family_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", help="teacher: HF directory, .gguf file or hub id (default: the demo family)")
+    p.add_argument("--student", help="distilled student directory with student_config.json")
+    p.add_argument("--order", default=None, help="patch order: last, first, klpatch, or blocks like 3,1,2,0")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="serving dtype (default: float32)")
+
+
+def _load_family(args: argparse.Namespace) -> Any:
+    from boomerang_core.family import Family
+    from boomerang_core.store import LayerStore
+
+    dtype = DTYPES[args.dtype]
+    if not args.teacher:
+        if args.student:
+            raise BoomerangError("--student needs --teacher")
+        from boomerang_core import demo
+
+        family = demo.load_demo_family(device=args.device, dtype=dtype)
+        if args.order is None:
+            return family
+        store = family.store
+    else:
+        store = LayerStore.load(args.teacher, args.student, device=args.device, dtype=dtype)
+    order = args.order or "last"
+    if order == "klpatch":
+        from boomerang_core.data import corpus_texts, token_blocks
+        from boomerang_core.klpatch import klpatch_order
+
+        if store.tokenizer is None or store.spec is None:
+            raise BoomerangError("klpatch needs a student and a tokenizer")
+        _, _, calib = corpus_texts("builtin")
+        blocks = klpatch_order(store, token_blocks(store.tokenizer, calib, 256, max_blocks=4))
+        return Family.from_store("family", store, order=blocks)
+    if order not in ("last", "first"):
+        try:
+            return Family.from_store("family", store, order=[int(b) for b in order.split(",")])
+        except ValueError:
+            raise BoomerangError(
+                f"--order must be last, first, klpatch or a comma-separated block list, got {order!r}"
+            ) from None
+    return Family.from_store("family", store, order=order)
+
+
+def cmd_sizes(args: argparse.Namespace) -> int:
+    family = _load_family(args)
+    print(f"family {family.name}: order {family.order}, store {family.store.resident_bytes():,} bytes resident")
+    print(family.table())
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from boomerang_core.assemble import export
+
+    family = _load_family(args)
+    size = family.resolve(args.size)
+    out = export(size.plan, family.store, args.out)
+    print(f"exported {size.name} ({size.num_layers} layers, {size.params:,} params) to {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from boomerang_core import evaluate
+
+    family = _load_family(args)
+    result = evaluate.evaluate_cli(family, out_dir=Path(args.out), max_tokens=args.tokens)
+    print(result)
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from boomerang_core import distill
+
+    if not args.teacher:
+        from boomerang_core import demo
+
+        path = demo.ensure_demo(progress=True)
+        print(f"demo family ready in {path}")
+        return 0
+    config = distill.DistillConfig(
+        first_layers_to_keep=args.first,
+        every_n=args.every,
+        last_layers_to_keep=args.last,
+        tokens=args.tokens,
+        seq_len=args.seq_len,
+        learning_rate=args.lr,
+    )
+    out = distill.distill(args.teacher, Path(args.out), config, data=args.data)
+    print(f"student written to {out}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.run import serve
+
+    serve(args.config, args.host, args.port)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="boomerang", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sizes", help="list every size of a family: k, layers, parameters, bytes")
+    _family_args(p)
+    p.set_defaults(func=cmd_sizes)
+
+    p = sub.add_parser("export", help="write one size as a standard HF checkpoint")
+    _family_args(p)
+    p.add_argument("size", help="size name (k3), parameter label (96M) or fraction of the teacher (0.5)")
+    p.add_argument("out", help="output directory")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="held-out perplexity of every size, with baselines; table + PNG")
+    _family_args(p)
+    p.add_argument("--out", default="eval-results", help="directory for curve.md and curve.png")
+    p.add_argument("--tokens", type=int, default=8192, help="held-out tokens to score (default: 8192)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("distill", help="prune-initialise and distil a student (default: build the demo family)")
+    p.add_argument("--teacher", help="teacher: HF directory, .gguf file or hub id (default: the demo teacher)")
+    p.add_argument("--out", default="student", help="output directory for the student")
+    p.add_argument("--data", default="builtin", help="'builtin' (Python docs), a text file or folder, or hub:NAME")
+    p.add_argument("--first", type=int, default=1, help="first teacher layers to keep (default 1)")
+    p.add_argument("--every", type=int, default=2, help="keep one of every N middle layers (default 2)")
+    p.add_argument("--last", type=int, default=2, help="last teacher layers to keep (default 2)")
+    p.add_argument("--tokens", type=int, default=2_000_000, help="token budget (default 2M)")
+    p.add_argument("--seq-len", type=int, default=256, help="sequence length (default 256)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("serve", help="serve a family over an OpenAI-compatible API")
+    p.add_argument("--config", help="deploy YAML (default: the demo family on CPU)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except BoomerangError as exc:
+        print(f"boomerang {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
