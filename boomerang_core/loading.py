@@ -53,7 +53,7 @@ def load_causal_lm(
     setattr(model, "hf_quantizer", None)  # noqa: B010
     setattr(model, "is_quantized", False)  # noqa: B010
     model.requires_grad_(False)
-    model.to(torch.device(device))
+    model.to(torch.device(device))  # type: ignore[arg-type]
     return model.eval()
 
 
