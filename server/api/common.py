@@ -1,0 +1,205 @@
+"""What chat and completions share: the OpenAI sampling fields, boomerang's size fields, refusal
+of fields the server cannot honour, token limits, and routing a request to one size's engine."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Annotated, Any
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from boomerang_core.family import Family, FamilySize
+from server.engines.base import Engine, GenerationRequest, SamplingParams
+from server.errors import BadRequest
+from server.gateway import Gateway
+from server.routing import Decision, RouteRequest
+
+# Known OpenAI fields this server cannot honour: a 400 naming the field, never a silent ignore.
+UNSUPPORTED = {
+    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format", "logit_bias",
+    "audio", "modalities", "prediction", "web_search_options", "reasoning_effort", "suffix", "best_of",
+    "service_tier", "store", "metadata",
+}  # fmt: skip
+# Sent by some clients with a value that asks for nothing: accepted when the value is harmless.
+_HARMLESS: dict[str, tuple[Any, ...]] = {
+    "response_format": ({"type": "text"},),
+    "logit_bias": ({},),
+    "parallel_tool_calls": (True, False),
+    "store": (False,),
+    "metadata": ({},),
+}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class GenerationFields(BaseModel):
+    """OpenAI fields both endpoints take, plus ``size``, ``max_latency_ms``, ``max_memory_gb``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    n: Annotated[int, Field(ge=1)] = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    user: str | None = None
+    size: str | float | None = Field(default=None, description="auto, a tier, a size name, a label or a fraction")
+    max_latency_ms: Annotated[float, Field(gt=0)] | None = None
+    max_memory_gb: Annotated[float, Field(gt=0)] | None = None
+
+    def reject_unsupported(self) -> None:
+        for name, value in (self.model_extra or {}).items():
+            if value is None or value in _HARMLESS.get(name, ()):
+                continue
+            if name in UNSUPPORTED:
+                raise BadRequest(f"'{name}' is not supported by this server", param=name, code="unsupported_field")
+            raise BadRequest(f"unrecognized request argument: '{name}'", param=name, code="unsupported_field")
+        if self.stream_options is not None and not self.stream:
+            raise BadRequest("stream_options is only allowed when stream is true", param="stream_options")
+        if isinstance(self.stop, list) and len(self.stop) > 16:
+            raise BadRequest("at most 16 stop strings", param="stop")
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def sampling(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(0, self.top_k or 0),
+            seed=self.seed,
+            stop=tuple(s for s in stop if s),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
+
+
+@dataclass
+class Routed:
+    """A request bound to one size: what the serving code needs to run and label it."""
+
+    family: Family
+    decision: Decision
+    engine: Engine
+    served_as: str  # "family:size", the body's `model`
+    request_id: str
+    created: int
+
+    @property
+    def size(self) -> FamilySize:
+        return self.decision.size
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "x-boomerang-size": self.size.name,
+            "x-boomerang-route-reason": self.decision.reason,
+            "x-boomerang-predicted-ms": f"{self.decision.prediction.latency_ms:.1f}",
+            "x-request-id": self.request_id,
+        }
+
+    def requests(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, n: int) -> list[GenerationRequest]:
+        """``n`` engine requests per prompt, in choice order (prompt-major). Choice ``i`` of a
+        seeded request uses ``seed + i``, so the choices differ and the request is reproducible."""
+        out = []
+        for p, prompt in enumerate(prompts):
+            for i in range(n):
+                seed = None if sampling.seed is None else sampling.seed + i
+                params = sampling if seed == sampling.seed else replace(sampling, seed=seed)
+                out.append(GenerationRequest(f"{self.request_id}-{p}-{i}", self.size.name, tuple(prompt), params))
+        return out
+
+
+def context_length(family: Family) -> int:
+    config = family.store.configs["teacher"]
+    length = getattr(config, "max_position_embeddings", None) or getattr(config, "max_seq_len", None)
+    return int(length) if length else 2048
+
+
+def check_tokens(
+    gateway: Gateway, family: Family, prompts: Sequence[Sequence[int]], max_tokens: int | None, default: int,
+    prompt_param: str,
+) -> int:  # fmt: skip
+    """Validate prompt lengths against the limits; return the max_tokens to use."""
+    limits = gateway.config.limits
+    context = context_length(family)
+    prompt_limit = min(limits.max_prompt_tokens or context, context)
+    longest = max(len(p) for p in prompts)
+    if any(len(p) == 0 for p in prompts):
+        raise BadRequest("the prompt is empty", param=prompt_param)
+    if longest > prompt_limit:
+        raise BadRequest(
+            f"the prompt has {longest} tokens, more than the limit of {prompt_limit}", param=prompt_param,
+            code="context_length_exceeded",
+        )  # fmt: skip
+    if max_tokens is not None and max_tokens > limits.max_tokens:
+        raise BadRequest(f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens}",
+                         param="max_tokens")  # fmt: skip
+    room = context - longest
+    if max_tokens is None:
+        max_tokens = min(default, limits.max_tokens, room)
+        if max_tokens < 1:
+            raise BadRequest(f"the prompt fills the context of {context} tokens", param=prompt_param,
+                             code="context_length_exceeded")  # fmt: skip
+    elif max_tokens > room:
+        raise BadRequest(
+            f"this model's maximum context length is {context} tokens: the prompt has {longest} and "
+            f"max_tokens asks for {max_tokens}", param="max_tokens", code="context_length_exceeded",
+        )  # fmt: skip
+    return max_tokens
+
+
+def route(
+    request: Request, gateway: Gateway, body: GenerationFields, prompts: Sequence[Sequence[int]], max_tokens: int,
+    prefix: str,
+) -> Routed:  # fmt: skip
+    family, router = gateway.ready()
+    if body.n * len(prompts) > gateway.config.limits.max_n:
+        raise BadRequest(f"n x prompts is {body.n * len(prompts)}; at most {gateway.config.limits.max_n}", param="n")
+    size_text = router.size_text(body.model, None if body.size is None else str(body.size))
+    decision = router.choose(
+        RouteRequest(
+            size=size_text,
+            max_latency_ms=body.max_latency_ms,
+            max_memory_gb=body.max_memory_gb,
+            prompt_tokens=max(len(p) for p in prompts),
+            max_tokens=max_tokens,
+            n=body.n * len(prompts),
+        )
+    )
+    request.state.size = decision.size.name
+    engine = gateway.engine_for(decision.size)
+    return Routed(
+        family=family,
+        decision=decision,
+        engine=engine,
+        served_as=gateway.served_name(decision.size),
+        request_id=f"{prefix}-{uuid.uuid4().hex}",
+        created=int(time.time()),
+    )
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

@@ -1,0 +1,72 @@
+"""GET /v1/models: the family and every size, with parameters, layers, loaded and dominated."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+
+from boomerang_core.family import FamilySize
+from server.errors import NotFound
+from server.gateway import Gateway, GatewayDep
+
+router = APIRouter()
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "boomerang"
+    size: str | None = None  # None for the family entry
+    label: str | None = None
+    params: int
+    num_layers: int
+    weight_bytes: int
+    patched_blocks: list[int] = []
+    loaded: bool
+    dominated: bool = False
+    perplexity: float | None = None
+    tiers: list[str] = []
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def model_cards(gateway: Gateway) -> list[ModelCard]:
+    family, router_ = gateway.ready()
+    loaded = {s.name for s in router_.loaded()}
+    tiers: dict[str, list[str]] = {}
+    for tier, size in router_.tiers.items():
+        if tier != size:
+            tiers.setdefault(size, []).append(tier)
+    largest = family.largest
+
+    def card(s: FamilySize) -> ModelCard:
+        return ModelCard(
+            id=gateway.served_name(s), size=s.name, label=s.label, params=s.params, num_layers=s.num_layers,
+            weight_bytes=s.bytes, patched_blocks=list(s.plan.patched), loaded=s.name in loaded,
+            dominated=s.dominated, perplexity=s.perplexity, tiers=sorted(tiers.get(s.name, [])),
+        )  # fmt: skip
+
+    family_card = ModelCard(
+        id=family.name, params=largest.params, num_layers=largest.num_layers,
+        weight_bytes=family.store.resident_bytes(), loaded=bool(loaded),
+    )  # fmt: skip
+    return [family_card, *(card(s) for s in family.sizes)]
+
+
+@router.get("/v1/models")
+async def list_models(gateway: GatewayDep) -> ModelList:
+    return ModelList(data=model_cards(gateway))
+
+
+@router.get("/v1/models/{model:path}")
+async def retrieve_model(model: str, gateway: GatewayDep) -> ModelCard:
+    for card in model_cards(gateway):
+        if card.id.lower() == model.lower():
+            return card
+    raise NotFound(f"the model '{model}' does not exist; GET /v1/models lists them", param="model")

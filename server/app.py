@@ -1,0 +1,121 @@
+"""``create_app(settings)``: the FastAPI app, its lifespan and the request guard.
+
+The lifespan starts bring-up (loading the family, starting the engines) in the background so that
+``/health`` answers 503 while the model loads, and closes the engines in ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.api import chat, completions, health, models
+from server.config import DeployConfig
+from server.errors import BodyTooLarge, Unauthorized, error_response, install_error_handlers
+from server.gateway import EngineFactory, FamilyLoader, Gateway, load_family, local_engine
+from server.metrics import GatewayMetrics
+
+
+def create_app(
+    settings: DeployConfig,
+    *,
+    family_loader: FamilyLoader = load_family,
+    engine_factory: EngineFactory = local_engine,
+) -> FastAPI:
+    """The gateway app. ``family_loader`` and ``engine_factory`` are seams for tests and for
+    other engine kinds; the defaults load the configured family and run it in-process."""
+    gateway = Gateway(config=settings, metrics=GatewayMetrics())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.gateway = gateway
+        bring_up = asyncio.create_task(gateway.bring_up(family_loader, engine_factory))
+        try:
+            yield
+        finally:
+            bring_up.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await bring_up
+            await gateway.close()
+
+    app = FastAPI(title="boomerang", version="0.1.0", lifespan=lifespan)
+    app.state.gateway = gateway
+    install_error_handlers(app)
+    for module in (chat, completions, models, health):
+        app.include_router(module.router)
+    app.add_middleware(RequestGuard, gateway=gateway, api_key=settings.auth.resolved_key())
+    return app
+
+
+class RequestGuard:
+    """Pure ASGI: checks the API key on ``/v1/*`` and refuses bodies above the limit before anything
+    parses them (the body is read here, counted, and replayed to the app)."""
+
+    def __init__(self, app: ASGIApp, *, gateway: Gateway, api_key: str | None) -> None:
+        self.app = app
+        self.gateway = gateway
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body = gateway.config.limits.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        error: Exception | None = None
+        if path.startswith("/v1/") and self.api_key is not None and not self._authorized(scope):
+            error = Unauthorized("invalid or missing API key: send 'Authorization: Bearer <key>'")
+        elif scope["method"] in ("POST", "PUT", "PATCH"):
+            body, too_large = await self._read_body(scope, receive)
+            if too_large:
+                error = BodyTooLarge(f"the request body is larger than the limit of {self.max_body} bytes")
+            else:
+                receive = _replay(body, receive)
+        if error is not None:
+            self.gateway.metrics.finished(None, "guard", getattr(error, "status", 400))
+            await error_response(error)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        assert self.api_key is not None
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        # compare_digest runs in time independent of where the bytes differ
+        return hmac.compare_digest(token.strip(), self.api_key) and scheme.lower() == b"bearer"
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> tuple[bytes, bool]:
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            return b"", True
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return b"", True
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks), False
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

@@ -1,0 +1,135 @@
+"""The one error mapper: every error the gateway can meet becomes exactly one status and an
+OpenAI-shaped body ``{"error": {"message", "type", "param", "code"}}``; in a stream, the same body
+as an SSE event followed by ``data: [DONE]``. Messages are for the client: no stack traces."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from boomerang_core.errors import BoomerangError, ModelNotFound, SizeOutOfRange
+from server.engines.base import EngineError, QueueFull
+
+log = logging.getLogger("boomerang.server")
+
+
+class ApiError(Exception):
+    status = 500
+    type = "server_error"
+    default_code: str | None = None
+
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class BadRequest(ApiError):
+    status, type = 400, "invalid_request_error"
+
+
+class Unauthorized(ApiError):
+    status, type, default_code = 401, "authentication_error", "invalid_api_key"
+
+
+class NotFound(ApiError):
+    status, type, default_code = 404, "invalid_request_error", "model_not_found"
+
+
+class BodyTooLarge(ApiError):
+    status, type, default_code = 413, "invalid_request_error", "request_too_large"
+
+
+class TooManyRequests(ApiError):
+    status, type, default_code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, param: str | None = None, code: str | None = None):
+        super().__init__(message, param=param, code=code, headers={"Retry-After": str(max(1, round(retry_after_s)))})
+
+
+class NotReady(ApiError):
+    status, type, default_code = 503, "server_error", "not_ready"
+
+
+class InternalError(ApiError):
+    status, type, default_code = 500, "server_error", "internal_error"
+
+
+def to_api_error(exc: BaseException) -> ApiError:
+    """The single mapping from any exception to the error the client sees."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, RequestValidationError):
+        return _validation_error(exc)
+    if isinstance(exc, QueueFull):
+        return TooManyRequests(str(exc), retry_after_s=exc.retry_after_s, code="queue_full")
+    if isinstance(exc, EngineError):
+        return NotReady(f"the engine could not serve this request: {exc}", code="engine_error")
+    if isinstance(exc, SizeOutOfRange | ModelNotFound):
+        return NotFound(str(exc), param="size", code="size_not_found")
+    if isinstance(exc, BoomerangError):
+        return BadRequest(str(exc))
+    if isinstance(exc, StarletteHTTPException):
+        mapped = {401: Unauthorized, 404: NotFound, 413: BodyTooLarge, 429: TooManyRequests, 503: NotReady}
+        if exc.status_code in mapped:
+            return mapped[exc.status_code](str(exc.detail), code="http_error")
+        error = BadRequest(str(exc.detail), code="http_error") if exc.status_code < 500 else InternalError("error")
+        error.status = exc.status_code
+        return error
+    log.error("unhandled error", exc_info=exc)
+    return InternalError("the server failed to handle this request; see the server log")
+
+
+def _validation_error(exc: RequestValidationError) -> BadRequest:
+    """Pydantic's errors, rephrased: ``messages[0].content: Field required``."""
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    loc = [p for p in first.get("loc", ()) if p != "body"]
+    param = ""
+    for part in loc:
+        param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if first.get("type") == "json_invalid":
+        message, param = "the request body is not valid JSON", ""
+    elif first.get("type") == "model_attributes_type":
+        message = "the request body must be a JSON object"
+    more = len(exc.errors()) - 1
+    text = f"{param}: {message}" if param else message
+    if more:
+        text += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return BadRequest(text, param=param or None, code="invalid_value")
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    error = to_api_error(exc)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def sse_error(exc: BaseException) -> str:
+    """The error as a stream event; the caller sends ``data: [DONE]`` after it."""
+    return f"data: {json.dumps(to_api_error(exc).body())}\n\n"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        response = error_response(exc)
+        gateway = getattr(request.app.state, "gateway", None)
+        if gateway is not None:  # counted under the route's template, never the raw path
+            endpoint = getattr(request.scope.get("route"), "path", "other")
+            gateway.metrics.finished(getattr(request.state, "size", None), endpoint, response.status_code)
+        return response
+
+    for exc_type in (ApiError, RequestValidationError, StarletteHTTPException, EngineError, BoomerangError, Exception):
+        app.add_exception_handler(exc_type, handle)

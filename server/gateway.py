@@ -1,0 +1,144 @@
+"""The services one app owns: the family, its tokenizer, the engines by size, the router, the
+metrics. Created by the lifespan, kept on ``app.state.gateway``, reached by routes through
+:data:`GatewayDep`. Nothing here is module-level state."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+from fastapi import Depends, Request
+
+from boomerang_core.family import FAMILY_FILE, Family, FamilySize
+from boomerang_core.store import LayerStore
+from server.config import DeployConfig
+from server.engines.base import Engine
+from server.errors import NotReady
+from server.metrics import GatewayMetrics
+from server.routing import Router
+
+log = logging.getLogger("boomerang.server")
+
+FamilyLoader = Callable[[DeployConfig], Family]
+EngineFactory = Callable[[Family, Sequence[str], DeployConfig], Engine]
+
+
+def load_family(config: DeployConfig) -> Family:
+    """The family the config names, or the demo family when it names none. Blocking (seconds)."""
+    if config.family is None:
+        from boomerang_core.demo import load_demo_family
+
+        return load_demo_family()
+    fc = config.family
+    store = LayerStore.load(fc.teacher, fc.student, device=fc.device, dtype=getattr(torch, fc.dtype))
+    family_dir = fc.family_file or fc.student
+    if family_dir is not None and (Path(family_dir) / FAMILY_FILE).is_file():
+        family = Family.load(family_dir, store)
+        family.name = fc.name
+        return family
+    return Family.from_store(fc.name, store, order=fc.patch_order)
+
+
+def local_engine(family: Family, sizes: Sequence[str], config: DeployConfig) -> Engine:
+    from server.engines.local import LocalEngine
+
+    engine_config = config.engines.local
+    return LocalEngine(
+        family, sizes=list(sizes), max_batch_size=engine_config.max_batch_size, max_queue=engine_config.max_queue
+    )
+
+
+def tier_table(family: Family, config: DeployConfig) -> dict[str, str]:
+    """Tier name -> size name. No tiers in the config: every non-dominated size, named as itself."""
+    if not config.tiers:
+        return {s.name: s.name for s in family.servable}
+    return {t.name: family.resolve(t.size).name for t in config.tiers}
+
+
+@dataclass
+class Gateway:
+    config: DeployConfig
+    metrics: GatewayMetrics
+    family: Family | None = None
+    tokenizer: Any = None
+    engines: dict[str, Engine] = field(default_factory=dict)  # size name -> engine serving it
+    router: Router | None = None
+    failure: str | None = None  # why bring-up failed, for /health
+
+    async def bring_up(self, load: FamilyLoader, make_engine: EngineFactory) -> None:
+        """Load the family off the event loop, start the engines, then start routing."""
+        try:
+            family = await asyncio.to_thread(load, self.config)
+            if family.store.tokenizer is None:
+                raise ValueError("the family has no tokenizer: the teacher directory must hold its tokenizer files")
+            tiers = tier_table(family, self.config)
+            sizes = sorted(set(tiers.values()), key=lambda n: family.by_name(n).params)
+            engine = make_engine(family, sizes, self.config)
+            await engine.start()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.error("bring-up failed: %s", self.failure)
+            return
+        self.family, self.tokenizer = family, family.store.tokenizer
+        self.engines = dict.fromkeys(sizes, engine)
+        self.router = Router(
+            family,
+            tiers,
+            self.engines,
+            self.config.routing,
+            max_batch_size=self.config.engines.local.max_batch_size,
+            typical_tokens=self.config.limits.default_max_tokens,
+            on_decision=self.metrics.decision,
+        )
+        self.metrics.set_weights(family.store.resident_bytes(), {s.name: s.bytes for s in family.sizes})
+        log.info("serving %s: sizes %s", family.name, ", ".join(f"{n} ({family.by_name(n).label})" for n in sizes))
+
+    async def close(self) -> None:
+        for engine in {id(e): e for e in self.engines.values()}.values():
+            try:
+                await engine.stop()
+            except Exception:
+                log.exception("engine stop failed")
+        self.engines.clear()
+
+    # --- readiness ----------------------------------------------------------------------------
+
+    def problems(self) -> list[str]:
+        """Why the gateway cannot serve now (empty: healthy)."""
+        if self.failure is not None:
+            return [f"bring-up failed: {self.failure}"]
+        if self.router is None:
+            return ["loading the model family"]
+        dead = sorted(size for size, engine in self.engines.items() if not engine.healthy())
+        return [f"engine for {', '.join(dead)} is not healthy"] if dead else []
+
+    def ready(self) -> tuple[Family, Router]:
+        problems = self.problems()
+        if problems or self.family is None or self.router is None:
+            raise NotReady("the server is not ready: " + "; ".join(problems), code="not_ready")
+        return self.family, self.router
+
+    def engine_for(self, size: FamilySize) -> Engine:
+        engine = self.engines.get(size.name)
+        if engine is None or not engine.healthy():
+            raise NotReady(f"no healthy engine serves size {size.name}", code="engine_unavailable")
+        return engine
+
+    def served_name(self, size: FamilySize) -> str:
+        assert self.family is not None
+        return f"{self.family.name}:{size.name}"
+
+
+def get_gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]

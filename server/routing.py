@@ -1,0 +1,245 @@
+"""Choose the size that serves a request: by name (``size`` / ``model: "family:tag"``), by the
+request's latency and memory budgets, or automatically against the configured SLO.
+
+Latency is predicted for THIS request from the engine's live per-size estimates::
+
+    queue wait + prefill(prompt tokens) + max_tokens * decode step at the batch it will join
+
+with priors from the parameter count until the engine has measured a size. Dominated sizes are
+never chosen by budget or SLO; a client may still name one that the config loads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from boomerang_core.errors import SizeOutOfRange
+from boomerang_core.family import Family, FamilySize
+from server.config import RoutingConfig
+from server.engines.base import Engine, SizeLoad
+from server.errors import BadRequest, NotFound, TooManyRequests
+
+AUTO = "auto"
+# Relative cost of one more sequence in a decode step (a step at batch b costs 1 + GROWTH * (b - 1)
+# times a step at batch 1). Pessimistic for GPUs, about right for small models on CPU.
+BATCH_STEP_GROWTH = 0.1
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    size: str | None  # the `size` field or the model tag, as sent
+    max_latency_ms: float | None
+    max_memory_gb: float | None
+    prompt_tokens: int
+    max_tokens: int
+    n: int = 1
+
+
+@dataclass(frozen=True)
+class Prediction:
+    size: FamilySize
+    queue_ms: float
+    prefill_ms: float
+    decode_ms: float
+    memory_gb: float  # weights of the size, 1 GB = 1e9 bytes
+    load: SizeLoad
+
+    @property
+    def latency_ms(self) -> float:
+        return self.queue_ms + self.prefill_ms + self.decode_ms
+
+    def explain(self) -> str:
+        return (
+            f"{self.size.name} ({self.size.label} params, {self.memory_gb:.3g} GB) is predicted at "
+            f"{self.latency_ms:.0f} ms (queue {self.queue_ms:.0f} + prefill {self.prefill_ms:.0f} + "
+            f"decode {self.decode_ms:.0f}) with {self.load.running} running and {self.load.waiting} waiting"
+        )
+
+
+@dataclass(frozen=True)
+class Decision:
+    size: FamilySize
+    reason: str  # named | default | budget | slo | degraded
+    prediction: Prediction
+
+
+class Router:
+    """Reads live load through ``engines`` (size name -> engine serving it); owns no state of its own."""
+
+    def __init__(
+        self,
+        family: Family,
+        tiers: Mapping[str, str],
+        engines: Mapping[str, Engine],
+        config: RoutingConfig,
+        *,
+        max_batch_size: int,
+        typical_tokens: int,
+        on_decision: Callable[[str | None, str], None] | None = None,
+    ) -> None:
+        self.family = family
+        self.tiers = {name.lower(): size for name, size in tiers.items()}
+        self.engines = engines
+        self.config = config
+        self.max_batch_size = max_batch_size
+        self.typical_tokens = typical_tokens
+        self.on_decision = on_decision or (lambda size, reason: None)
+
+    # --- names --------------------------------------------------------------------------------
+
+    def loaded(self) -> list[FamilySize]:
+        """Sizes an engine can serve now, ascending parameters."""
+        up = [s for s in self.family.sizes if (e := self.engines.get(s.name)) is not None and s.name in e.sizes]
+        return sorted(up, key=lambda s: (s.params, s.k))
+
+    def size_text(self, model: str, size: str | None) -> str | None:
+        """The size the client named through ``size`` or the ``model`` tag (``None``: not named)."""
+        family = self.family.name
+        name, _, tag = model.partition(":")
+        if name.lower() != family.lower():
+            served = ", ".join([family, *(f"{family}:{s.name}" for s in self.loaded())])
+            raise NotFound(f"the model '{model}' does not exist; this server serves {served}", param="model")
+        if tag and size is not None and tag.strip().lower() != str(size).strip().lower():
+            raise BadRequest(f"the model tag '{tag}' and size '{size}' disagree; send one of them", param="size")
+        text = size if size is not None else (tag or None)
+        return None if text is None else str(text).strip()
+
+    def resolve(self, text: str) -> FamilySize:
+        """A loaded size from a tier name, size name, parameter label or fraction."""
+        key = text.lower()
+        loaded = self.loaded()
+        if key in self.tiers:
+            return self.family.by_name(self.tiers[key])
+        try:
+            wanted = self.family.resolve(key)
+        except SizeOutOfRange as exc:
+            raise NotFound(f"{exc}. {self._served_text(loaded)}", param="size", code="size_not_found") from None
+        if wanted in loaded:
+            return wanted
+        if key == wanted.name:
+            why = "is dominated (larger and no better than a smaller size)" if wanted.dominated else "is not loaded"
+            message = f"size {wanted.name} {why}. {self._served_text(loaded)}"
+            raise NotFound(message, param="size", code="size_not_found")
+        below = [s for s in loaded if not s.dominated and s.params <= wanted.params]
+        if not below:
+            raise NotFound(f"no loaded size is at most '{text}'. {self._served_text(loaded)}", param="size",
+                           code="size_not_found")  # fmt: skip
+        return below[-1]
+
+    def _served_text(self, loaded: list[FamilySize]) -> str:
+        names = ", ".join(f"{s.name} ({s.label})" for s in loaded) or "none"
+        tiers = ", ".join(sorted(self.tiers)) or "none"
+        return f"Served sizes: {names}; tier names: {tiers}; or 'auto', a parameter label, or a fraction in (0, 1]"
+
+    # --- prediction ---------------------------------------------------------------------------
+
+    def predict(self, size: FamilySize, prompt_tokens: int, max_tokens: int, n: int = 1) -> Prediction:
+        engine = self.engines.get(size.name)
+        load = engine.load(size.name) if engine is not None else SizeLoad()
+        cfg = self.config
+        step_now = load.decode_step_s
+        if step_now is None:
+            step_now = size.bytes / cfg.prior_bytes_per_s + cfg.prior_step_overhead_ms / 1e3
+        prefill_tps = load.prefill_tokens_per_s or cfg.prior_flops_per_s / (2 * size.params)
+
+        def step_at(batch: int) -> float:  # the measured step was taken at the current batch
+            grow = 1 + BATCH_STEP_GROWTH * (min(batch, self.max_batch_size) - 1)
+            return step_now * grow / (1 + BATCH_STEP_GROWTH * (max(load.running, 1) - 1))
+
+        ahead = load.running + load.waiting
+        over = ahead + n - self.max_batch_size
+        queue_s = load.waiting * prompt_tokens / prefill_tps  # the prompts queued before ours
+        if over > 0:  # wait for enough running requests to finish, about half their tokens each
+            rounds = math.ceil(over / self.max_batch_size)
+            queue_s += rounds * (self.typical_tokens / 2) * step_at(self.max_batch_size)
+        return Prediction(
+            size=size,
+            queue_ms=queue_s * 1e3,
+            prefill_ms=n * prompt_tokens / prefill_tps * 1e3,
+            decode_ms=max_tokens * step_at(ahead + n) * 1e3,
+            memory_gb=size.bytes / 1e9,
+            load=load,
+        )
+
+    # --- choice -------------------------------------------------------------------------------
+
+    def choose(self, request: RouteRequest) -> Decision:
+        try:
+            decision = self._choose(request)
+        except TooManyRequests:
+            self.on_decision(None, "rejected")
+            raise
+        self.on_decision(decision.size.name, decision.reason)
+        return decision
+
+    def _choose(self, req: RouteRequest) -> Decision:
+        loaded = self.loaded()
+        if not loaded:
+            raise NotFound("no size is loaded", param="size", code="size_not_found")
+
+        def predict(s: FamilySize) -> Prediction:
+            return self.predict(s, req.prompt_tokens, req.max_tokens, req.n)
+
+        text = req.size if req.size is not None else self.config.default_size
+        reason = "named" if req.size is not None else "default"
+        budgets = req.max_latency_ms is not None or req.max_memory_gb is not None
+        if text.lower() != AUTO:
+            named = self.resolve(text)
+            first = predict(named)
+            if not budgets or self._fits(first, req.max_latency_ms, req.max_memory_gb):
+                return Decision(named, reason, first)
+            smaller = [s for s in loaded if not s.dominated and s.params < named.params]
+            return self._largest_fitting(smaller, req, predict, "budget", first)
+        latency = req.max_latency_ms if req.max_latency_ms is not None else self.config.slo_ms
+        candidates = [s for s in loaded if not s.dominated] or loaded
+        for size in reversed(candidates):
+            p = predict(size)
+            if self._fits(p, latency, req.max_memory_gb):
+                return Decision(size, "budget" if budgets else "slo", p)
+        if not budgets:  # only the server's own SLO is missed: serve the smallest, never refuse
+            return Decision(candidates[0], "degraded", predict(candidates[0]))
+        return self._largest_fitting([], req, predict, "budget", predict(candidates[-1]), candidates[0])
+
+    def _largest_fitting(
+        self,
+        sizes: list[FamilySize],
+        req: RouteRequest,
+        predict: Callable[[FamilySize], Prediction],
+        reason: str,
+        best_missed: Prediction,
+        smallest: FamilySize | None = None,
+    ) -> Decision:
+        for size in reversed(sizes):
+            p = predict(size)
+            if self._fits(p, req.max_latency_ms, req.max_memory_gb):
+                return Decision(size, reason, p)
+        loaded = [s for s in self.loaded() if not s.dominated] or self.loaded()
+        smallest = smallest or loaded[0]
+        fallback = predict(smallest)
+        if self.config.allow_degrade:
+            return Decision(smallest, "degraded", fallback)
+        raise TooManyRequests(
+            f"no served size meets {self._budget_text(req)}: even the smallest, {fallback.explain()}; "
+            f"the largest candidate, {best_missed.explain()}. This server does not degrade "
+            "(routing.allow_degrade is false): relax the budgets or retry when the load is lower",
+            param="max_latency_ms" if req.max_latency_ms is not None else "max_memory_gb",
+            code="budget_unmeetable",
+            retry_after_s=max(1.0, fallback.queue_ms / 1e3),
+        )
+
+    @staticmethod
+    def _fits(p: Prediction, max_latency_ms: float | None, max_memory_gb: float | None) -> bool:
+        if max_latency_ms is not None and p.latency_ms > max_latency_ms:
+            return False
+        return max_memory_gb is None or p.memory_gb <= max_memory_gb
+
+    @staticmethod
+    def _budget_text(req: RouteRequest) -> str:
+        parts = []
+        if req.max_latency_ms is not None:
+            parts.append(f"max_latency_ms={req.max_latency_ms:g}")
+        if req.max_memory_gb is not None:
+            parts.append(f"max_memory_gb={req.max_memory_gb:g}")
+        return " and ".join(parts)
