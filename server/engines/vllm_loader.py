@@ -1,0 +1,192 @@
+"""A vLLM model loader that serves a size from the LayerStore's tensors, without copying them.
+
+vLLM builds the size's model from a folder that holds only ``config.json`` (the size's layer
+count) and tokenizer files; this loader then re-registers every parameter as an ``nn.Parameter``
+VIEW of the store's tensor (vLLM's fused ``qkv_proj`` / ``gate_up_proj`` come from
+:func:`boomerang_core.fused.fuse_store`; a tied ``lm_head`` is bound to the embedding). On CPU,
+vLLM would repack every linear weight into a private oneDNN copy and empty the original: store
+layers are marked ``_cpu_skip_gemm_dispatch`` and the embedding / LM head keep plain
+``F.linear``, so every engine reads the store's bytes.
+
+The store reaches the loader through :func:`offer`, a handoff keyed by a token that the engine
+passes in ``model_loader_extra_config``; the loader takes it once. On CUDA the same loader binds
+CUDA tensors of an in-process store (unverified here: no GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from boomerang_core.fused import fuse_store, fused_tensor
+from boomerang_core.plan import SizePlan
+from boomerang_core.store import LayerStore
+
+LOAD_FORMAT = "boomerang_store"
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_SUPPORTED_ADAPTERS = ("llama-family",)
+
+
+@dataclass(frozen=True)
+class StoreOffer:
+    store: LayerStore
+    plan: SizePlan
+
+
+_offers: dict[str, StoreOffer] = {}  # token -> offer; a handoff, emptied as engines take them
+_offers_lock = threading.Lock()
+
+
+def offer(store: LayerStore, plan: SizePlan) -> str:
+    """Make ``plan`` over ``store`` available to the next engine built with the returned token."""
+    if store.adapter.name not in _SUPPORTED_ADAPTERS:
+        raise NotImplementedError(
+            f"vLLM serving from the store supports {_SUPPORTED_ADAPTERS}, not {store.adapter.name}"
+        )
+    fuse_store(store)
+    token = uuid.uuid4().hex
+    with _offers_lock:
+        _offers[token] = StoreOffer(store, plan)
+    return token
+
+
+def withdraw(token: str) -> None:
+    with _offers_lock:
+        _offers.pop(token, None)
+
+
+def _take(token: str) -> StoreOffer:
+    with _offers_lock:
+        found = _offers.get(token)
+    if found is None:
+        raise RuntimeError(f"no LayerStore was offered under token {token!r} in this process")
+    return found
+
+
+def store_tensor(name: str, offer: StoreOffer) -> torch.Tensor:
+    """The store tensor behind vLLM parameter ``name`` (vLLM's Llama-family naming)."""
+    store, plan = offer.store, offer.plan
+    if name == "model.embed_tokens.weight":
+        return _param(store.embeds[plan.embed], "weight")
+    if name == "model.norm.weight":
+        return _param(store.norms[plan.norm], "weight")
+    if name == "lm_head.weight":
+        return _param(store.heads[plan.head], "weight")
+    match = _LAYER_NAME.match(name)
+    if match is None:
+        raise KeyError(f"vLLM parameter {name!r} has no counterpart in the store")
+    depth, rest = int(match.group(1)), match.group(2)
+    layer = store.layer(plan.layers[depth])
+    sub_name, _, leaf = rest.rpartition(".")  # "self_attn.qkv_proj", "weight"
+    parent_name, _, fused_name = sub_name.rpartition(".")
+    if parent_name:
+        fused = fused_tensor(layer.get_submodule(parent_name), f"{fused_name}.{leaf}")
+        if fused is not None:
+            return fused
+    return _param(layer.get_submodule(sub_name), leaf)
+
+
+def _param(module: nn.Module, leaf: str) -> torch.Tensor:
+    value = getattr(module, leaf, None)
+    if not isinstance(value, torch.Tensor):
+        raise KeyError(f"{type(module).__name__} has no tensor {leaf!r}")
+    return value
+
+
+def bind_model(model: nn.Module, found: StoreOffer) -> dict[str, int]:
+    """Re-register every parameter of ``model`` as a view of its store tensor.
+
+    Returns ``{"shared": bytes bound to the store, "copied": bytes that had to be copied}`` (a
+    copy happens only when vLLM pads the vocabulary past the store's rows).
+    """
+    shared = copied = 0
+    bound: dict[int, nn.Parameter] = {}  # id of vLLM's original parameter -> its replacement
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for leaf, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) in bound:  # a tied parameter seen under another module
+                module._parameters[leaf] = bound[id(param)]
+                continue
+            name = f"{module_name}.{leaf}" if module_name else leaf
+            source = store_tensor(name, found).detach()
+            if source.dtype != param.dtype or source.device.type != param.device.type:
+                raise TypeError(f"{name}: store holds {source.dtype} on {source.device}, vLLM wants {param.dtype}")
+            if source.shape == param.shape:
+                view = source
+                shared += source.nbytes
+            elif source.dim() == 2 and source.shape[1:] == param.shape[1:] and source.shape[0] < param.shape[0]:
+                view = torch.zeros(param.shape, dtype=param.dtype, device=source.device)  # padded vocabulary
+                view[: source.shape[0]] = source
+                copied += view.nbytes
+            else:
+                raise ValueError(f"{name}: store tensor {tuple(source.shape)} does not fit {tuple(param.shape)}")
+            new = nn.Parameter(view, requires_grad=False)
+            bound[id(param)] = new
+            module._parameters[leaf] = new
+    keep_plain_linear(model)
+    return {"shared": shared, "copied": copied}
+
+
+def keep_plain_linear(model: nn.Module) -> None:
+    """Stop vLLM's CPU repacking (a private oneDNN copy per engine) on every store-backed layer."""
+    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        UnquantizedEmbeddingMethod,
+        VocabParallelEmbedding,
+    )
+
+    for module in model.modules():
+        if isinstance(module, LinearBase):
+            setattr(module, "_cpu_skip_gemm_dispatch", True)  # noqa: B010 - not a declared attribute
+        elif isinstance(module, VocabParallelEmbedding) and isinstance(module.quant_method, UnquantizedEmbeddingMethod):
+            module.quant_method = _plain_embedding_method_class()()
+
+
+@functools.cache
+def _plain_embedding_method_class() -> type:
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    class PlainEmbeddingMethod(UnquantizedEmbeddingMethod):  # type: ignore[misc]
+        """The embedding / LM head method without the CPU repack: ``F.linear`` on the store tensor."""
+
+        def process_weights_after_loading(self, layer: nn.Module) -> None:
+            setattr(layer, "cpu_linear", torch.nn.functional.linear)  # noqa: B010
+
+    return PlainEmbeddingMethod
+
+
+def _loader_class() -> type:
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    class BoomerangStoreLoader(BaseModelLoader):  # type: ignore[misc]
+        """Binds the offered store's tensors; ``model_loader_extra_config = {"token": ...}``."""
+
+        def download_model(self, model_config: Any) -> None:
+            return None  # nothing to download: the weights are in this process
+
+        def load_weights(self, model: nn.Module, model_config: Any) -> None:
+            extra = self.load_config.model_loader_extra_config or {}
+            token = extra.get("token")
+            if not isinstance(token, str):
+                raise RuntimeError(f"load_format={LOAD_FORMAT!r} needs model_loader_extra_config={{'token': ...}}")
+            stats = bind_model(model, _take(token))
+            model.boomerang_bound_bytes = stats  # type: ignore[assignment]
+
+    return BoomerangStoreLoader
+
+
+def register() -> None:
+    """Register the loader with vLLM (also the ``vllm.general_plugins`` entry point); idempotent."""
+    from vllm.model_executor import model_loader
+
+    registry: dict[str, type] = getattr(model_loader, "_LOAD_FORMAT_TO_MODEL_LOADER", {})
+    if LOAD_FORMAT not in registry:  # registering twice would only log a warning
+        model_loader.register_model_loader(LOAD_FORMAT)(_loader_class())
