@@ -1,5 +1,8 @@
-"""`boomerang` command line: sizes, distill, export, eval, serve. Every command defaults to the
-demo family; ``--teacher``/``--student`` name another pair (HF directories, GGUF files or hub ids)."""
+"""The method's commands: sizes, distill, export, eval. Every command defaults to the demo family;
+``--teacher``/``--student`` name another pair (HF directories, GGUF files or hub ids).
+
+The ``boomerang`` console script is :mod:`server.cli`, which adds ``serve`` and ``config`` to this
+parser: the method never imports the server."""
 
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ def _load_family(args: argparse.Namespace) -> Any:
 
         if store.tokenizer is None or store.spec is None:
             raise BoomerangError("klpatch needs a student and a tokenizer")
-        _, _, calib = corpus_texts("builtin")
+        _, _, calib = corpus_texts(None)
         blocks = klpatch_order(store, token_blocks(store.tokenizer, calib, 256, max_blocks=4))
         return Family.from_store("family", store, order=blocks)
     if order not in ("last", "first"):
@@ -99,24 +102,23 @@ def cmd_distill(args: argparse.Namespace) -> int:
         first_layers_to_keep=args.first,
         every_n=args.every,
         last_layers_to_keep=args.last,
-        tokens=args.tokens,
+        token_budget=args.tokens,
         seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
         learning_rate=args.lr,
+        kl_weight=args.kl_weight,
+        cosine_weight=args.cosine_weight,
+        corpus=args.data,
     )
-    out = distill.distill(args.teacher, Path(args.out), config, data=args.data)
+    out = distill.distill(args.teacher, Path(args.out), config, device=args.device)
     print(f"student written to {out}")
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from server.run import serve
-
-    serve(args.config, args.host, args.port)
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="boomerang", description=__doc__)
+def build_parser() -> tuple[argparse.ArgumentParser, Any]:
+    """The parser and its subparsers object, so that the server can add its commands."""
+    parser = argparse.ArgumentParser(prog="boomerang", description="Serve every size of a boomerang family.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("sizes", help="list every size of a family: k, layers, parameters, bytes")
@@ -138,30 +140,43 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="prune-initialise and distil a student (default: build the demo family)")
     p.add_argument("--teacher", help="teacher: HF directory, .gguf file or hub id (default: the demo teacher)")
     p.add_argument("--out", default="student", help="output directory for the student")
-    p.add_argument("--data", default="builtin", help="'builtin' (Python docs), a text file or folder, or hub:NAME")
+    p.add_argument(
+        "--data", default="pydoc", help="'pydoc' (Python's docs, offline), a text file or folder, or hf:DATASET"
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--first", type=int, default=1, help="first teacher layers to keep (default 1)")
     p.add_argument("--every", type=int, default=2, help="keep one of every N middle layers (default 2)")
     p.add_argument("--last", type=int, default=2, help="last teacher layers to keep (default 2)")
-    p.add_argument("--tokens", type=int, default=2_000_000, help="token budget (default 2M)")
-    p.add_argument("--seq-len", type=int, default=256, help="sequence length (default 256)")
+    p.add_argument("--tokens", type=int, default=1_000_000, help="training token budget (default 1M)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-step (default 8)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default 1)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--kl-weight", type=float, default=0.1, help="weight of KL(teacher||student) (default 0.1)")
+    p.add_argument("--cosine-weight", type=float, default=2.0, help="weight of the cosine loss (default 2.0)")
     p.set_defaults(func=cmd_distill)
+    return parser, sub
 
-    p = sub.add_parser("serve", help="serve a family over an OpenAI-compatible API")
-    p.add_argument("--config", help="deploy YAML (default: the demo family on CPU)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.set_defaults(func=cmd_serve)
-    return parser
+
+def run(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None = None,
+    user_errors: tuple[type[Exception], ...] = (),
+) -> int:
+    """Parse and run a command; bad input (``BoomerangError`` and ``user_errors``) prints a clear
+    message and exits 2, never a traceback."""
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except Exception as exc:
+        if not isinstance(exc, (BoomerangError, *user_errors)):
+            raise
+        print(f"boomerang {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except BoomerangError as exc:
-        print(f"boomerang {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run(build_parser()[0], argv)
 
 
 if __name__ == "__main__":
