@@ -1,0 +1,502 @@
+"""The in-process engine: every size of a family served from ONE LayerStore by one worker thread.
+
+One thread owns all model work. The event loop only enqueues requests and aborts and reads events
+from per-request asyncio queues, filled through ``loop.call_soon_threadsafe``; it never waits on
+the model. Each worker step packs the next token of every decoding request and a chunk of every
+prefilling prompt, of every size, into one forward (:mod:`server.engines.packed`), so a new request
+joins the running batch at the next step and sizes are served side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from boomerang_core.assemble import build
+from boomerang_core.family import Family
+from server.engines.base import (
+    Engine,
+    EngineError,
+    GenerationRequest,
+    QueueFull,
+    SizeLoad,
+    TokenEvent,
+    TokenLogprob,
+)
+from server.engines.detokenize import IncrementalDetokenizer, StopStrings
+from server.engines.local_stats import LoadEstimates
+from server.engines.packed import (
+    RowWork,
+    SizeCache,
+    SizeParts,
+    SizeWork,
+    forward_step,
+    install_attention,
+    layer_order,
+)
+from server.engines.sampling import RequestSampler, sample, token_logprob
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Active:
+    """One request inside the engine. ``computed`` tokens of prompt + output have K/V in the cache."""
+
+    request: GenerationRequest
+    size: int
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[TokenEvent | BaseException]
+    sampler: RequestSampler
+    detok: IncrementalDetokenizer
+    stops: StopStrings
+    stop_ids: frozenset[int]
+    arrived: float
+    output: list[int] = field(default_factory=list)
+    computed: int = 0
+    row: int = -1
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    done: bool = False
+
+    @property
+    def prompt(self) -> tuple[int, ...]:
+        return self.request.prompt_ids
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.prompt)
+
+
+@dataclass(eq=False)
+class _Size:
+    name: str
+    parts: SizeParts
+    params: int
+    cache: SizeCache
+    rows: list[_Active] = field(default_factory=list)
+
+
+class LocalEngine(Engine):
+    """Continuous batching over every size of ``family`` on the store's device.
+
+    ``max_batch_size`` bounds the requests running at once over ALL sizes (they share each step);
+    ``max_queue`` bounds those waiting to start, past which :meth:`generate` raises :class:`QueueFull`;
+    ``prefill_tokens`` bounds the prompt tokens one step computes (longer prompts are chunked), so a
+    long prompt delays the running requests' next token by one bounded step, not by its whole prefill.
+    """
+
+    def __init__(
+        self,
+        family: Family,
+        *,
+        sizes: Sequence[str] | None = None,
+        max_batch_size: int = 16,
+        max_queue: int = 256,
+        prefill_tokens: int = 512,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 0 or prefill_tokens < 1:
+            raise ValueError("max_batch_size and prefill_tokens must be >= 1 and max_queue >= 0")
+        store = family.store
+        if store.tokenizer is None:
+            raise EngineError(f"family '{family.name}' has no tokenizer")
+        self.family = family
+        self.tokenizer = store.tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.prefill_tokens = prefill_tokens
+        chosen = [family.by_name(n) for n in sizes] if sizes is not None else list(family.sizes)
+        self._sizes: list[_Size] = []
+        for fs in chosen:
+            model = build(fs.plan, store)
+            adapter = store.adapter
+            rotary = adapter.get_rotary(model)
+            if rotary is None:
+                raise EngineError(f"{adapter.name} has no rotary embedding module; LocalEngine needs one")
+            parts = SizeParts(
+                embed=adapter.get_embed(model),
+                layers=tuple(getattr(m, "layer", m) for m in adapter.get_layers(model)),
+                norm=adapter.get_norm(model),
+                head=adapter.get_head(model),
+                rotary=rotary,
+            )
+            self._sizes.append(_Size(fs.name, parts, fs.params, SizeCache(len(parts.layers))))
+        self._by_name = {s.name: i for i, s in enumerate(self._sizes)}
+        self._order = layer_order([s.parts.layers for s in self._sizes])
+        for source, config in store.configs.items():
+            impl = getattr(config, "_attn_implementation", "sdpa")
+            if impl != "sdpa":
+                raise EngineError(f"LocalEngine needs sdpa attention; the {source} uses {impl!r}")
+        config = store.configs["teacher"]
+        self.max_context = int(getattr(config, "max_position_embeddings", 1 << 30))
+        self.vocab_size = int(config.vocab_size)
+        eos: set[int] = set()
+        for ids in (getattr(store.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(ids, int):
+                eos.add(ids)
+            elif ids is not None:
+                eos.update(int(t) for t in ids)
+        self.eos_ids = frozenset(eos)
+        self._token_text: dict[int, str] = {}
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._waiting: deque[_Active] = deque()
+        self._num_waiting = 0
+        self._waiting_by_size = [0] * len(self._sizes)
+        self._by_id: dict[str, _Active] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Active, TokenEvent | BaseException]]] = {}
+        self.stats = LoadEstimates([s.params for s in self._sizes])
+
+    # --- Engine API (event loop side) ---------------------------------------------------------
+
+    @property
+    def sizes(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self._sizes)
+
+    @property
+    def shares_layers_across_sizes(self) -> bool:
+        """True when each store layer runs once per step for every size holding it, at any depth."""
+        return self._order is not None
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        install_attention()
+        self._thread = threading.Thread(target=self._run, name="boomerang-local-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        thread = self._thread
+        if thread is None or self._stopping:
+            return
+        self._stopping = True
+        self._inbox.put(("stop", None))
+        await asyncio.to_thread(thread.join)
+
+    def healthy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._dead is None and not self._stopping
+
+    def load(self, size: str) -> SizeLoad:
+        i = self._index(size)
+        running = len(self._sizes[i].rows)
+        total = sum(len(s.rows) for s in self._sizes)
+        return SizeLoad(
+            running=running,
+            waiting=self._waiting_by_size[i],
+            prefill_tokens_per_s=self.stats.prefill_tokens_per_s(i),
+            decode_step_s=self.stats.decode_step_s(max(total, 1)),
+        )
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Admit ``request`` now (raising :class:`QueueFull` or :class:`EngineError` at once) and
+        return its event stream. Closing the stream early aborts the request."""
+        if not self.healthy():
+            raise EngineError("the local engine is not running" + (f": {self._dead}" if self._dead else ""))
+        i = self._index(request.size)
+        self._validate(request)
+        with self._lock:
+            if self._num_waiting >= self.max_queue:
+                raise QueueFull(f"{self._num_waiting} requests are waiting (limit {self.max_queue})", 1.0)
+            self._num_waiting += 1
+            self._waiting_by_size[i] += 1
+        p = request.sampling
+        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_ids))
+        active = _Active(
+            request=request,
+            size=i,
+            loop=asyncio.get_running_loop(),
+            events=asyncio.Queue(),
+            sampler=RequestSampler(p, self.vocab_size),
+            detok=IncrementalDetokenizer(self.tokenizer),
+            stops=StopStrings(p.stop),
+            stop_ids=frozenset(stop_ids),
+            arrived=time.perf_counter(),
+            prompt_logprobs=[None] if p.prompt_logprobs is not None else None,
+        )
+        self._inbox.put(("add", active))
+        return self._stream(active)
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    async def _stream(self, active: _Active) -> AsyncIterator[TokenEvent]:
+        finished = False
+        try:
+            while True:
+                item = await active.events.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._inbox.put(("cancel", active))
+
+    def _index(self, size: str) -> int:
+        i = self._by_name.get(size.lower())
+        if i is None:
+            raise EngineError(f"this engine does not serve size '{size}'; it serves {', '.join(self.sizes)}")
+        return i
+
+    def _validate(self, request: GenerationRequest) -> None:
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise EngineError("the prompt is empty: at least one token is needed")
+        if n >= self.max_context:
+            raise EngineError(f"the prompt has {n} tokens; the context holds {self.max_context}")
+        bad = [t for t in request.prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise EngineError(f"token ids out of range 0..{self.vocab_size - 1}: {bad[:5]}")
+
+    # --- worker thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while self._drain():
+                    self._admit()
+                    self._step()
+        except BaseException as exc:  # a bug outside a step: fail everyone, report unhealthy
+            log.exception("local engine worker died")
+            self._dead = exc
+        finally:
+            reason = EngineError(f"the local engine stopped{': ' + str(self._dead) if self._dead else ''}")
+            for active in [*self._waiting, *(a for s in self._sizes for a in s.rows)]:
+                self._fail(active, reason)
+            self._flush()
+
+    def _drain(self) -> bool:
+        """Apply queued adds, aborts and cancels; block while idle. False once asked to stop."""
+        busy = bool(self._waiting) or any(s.rows for s in self._sizes)
+        while True:
+            if not busy:
+                self._flush()  # events of aborts and failures must not wait for the next step
+            try:
+                kind, arg = self._inbox.get(block=not busy)
+            except queue.Empty:
+                return True
+            if kind == "stop":
+                return False
+            if kind == "add":
+                self._waiting.append(arg)
+                self._by_id[arg.request.request_id] = arg
+                busy = True
+            elif kind in ("abort", "cancel"):
+                active = self._by_id.get(arg) if kind == "abort" else arg
+                if active is not None and not active.done:
+                    self._finish(active)
+                    if kind == "abort":
+                        self._send(active, EngineError(f"request {active.request.request_id} was aborted"))
+                busy = bool(self._waiting) or any(s.rows for s in self._sizes)
+            if busy and self._inbox.empty():
+                return True
+
+    def _admit(self) -> None:
+        running = sum(len(s.rows) for s in self._sizes)
+        while self._waiting and running < self.max_batch_size:
+            active = self._waiting.popleft()
+            self._unwait(active)
+            size = self._sizes[active.size]
+            active.row = len(size.rows)
+            size.rows.append(active)
+            running += 1
+
+    def _unwait(self, active: _Active) -> None:
+        with self._lock:
+            self._num_waiting -= 1
+            self._waiting_by_size[active.size] -= 1
+
+    def _step(self) -> None:
+        works: list[SizeWork] = []
+        parts: list[SizeParts] = []
+        plan: list[list[tuple[_Active, int, int]]] = []  # per work: (request, first logit, logits)
+        budget = self.prefill_tokens
+        for size in self._sizes:
+            if not size.rows:
+                continue
+            work = SizeWork(size.cache, [], [], [], [])
+            owners: list[tuple[_Active, int, int]] = []
+            for a in size.rows:
+                if not a.prefilling:
+                    work.decode.append(RowWork(a.row, a.computed, 1))
+                    work.token_ids.append(a.output[-1])
+                    owners.append((a, len(work.logit_index), 1))
+                    work.logit_index.append(work.num_tokens - 1)
+            for a in size.rows:
+                if a.prefilling and budget > 0:
+                    n = min(len(a.prompt) - a.computed, budget)
+                    budget -= n
+                    first = work.num_tokens
+                    work.extend.append(RowWork(a.row, a.computed, n))
+                    work.token_ids.extend(a.prompt[a.computed : a.computed + n])
+                    wanted = range(first, first + n) if a.prompt_logprobs is not None else range(0)
+                    if a.computed + n == len(a.prompt) and first + n - 1 not in wanted:
+                        wanted = range(first + n - 1, first + n)
+                    owners.append((a, len(work.logit_index), len(wanted)))
+                    work.logit_index.extend(wanted)
+            if work.token_ids:
+                works.append(work)
+                parts.append(size.parts)
+                plan.append(owners)
+        if not works:
+            return
+        t0 = time.perf_counter()
+        try:
+            logits = forward_step(parts, works, self._order)
+            self._process(works, plan, logits)
+        except Exception as exc:
+            log.exception("a local engine step failed")
+            error = EngineError(f"the step serving this request failed: {exc!r}")
+            for owners in plan:
+                for active, _, _ in owners:
+                    if not active.done:
+                        self._finish(active)
+                        self._send(active, error)
+        finally:
+            self._flush()
+        self._record(works, plan, time.perf_counter() - t0)
+        for size in self._sizes:
+            if not size.rows:
+                size.cache.release()
+
+    def _process(self, works: list[SizeWork], plan: list[list[tuple[_Active, int, int]]], logits: list[Any]) -> None:
+        rows, samplers, owners_to_sample = [], [], []
+        for work, owners, out in zip(works, plan, logits, strict=True):
+            extend = iter(work.extend)
+            for active, first, count in owners:
+                if not active.prefilling:
+                    active.computed += 1
+                else:
+                    n = next(extend).length
+                    start = active.computed
+                    active.computed += n
+                    if active.prompt_logprobs is not None:
+                        self._prompt_logprobs(active, out[first : first + count], start, n)
+                    if active.prefilling:
+                        continue
+                    if active.request.sampling.max_tokens <= 0:
+                        self._emit(active, None, None)
+                        continue
+                rows.append(out[first + count - 1])
+                samplers.append(active.sampler)
+                owners_to_sample.append(active)
+        if not rows:
+            return
+        choices = sample(torch.stack(rows), samplers, self._text_of)
+        for active, choice in zip(owners_to_sample, choices, strict=True):
+            self._emit(active, choice.token_id, choice.logprob)
+
+    def _prompt_logprobs(self, active: _Active, out: Any, start: int, n: int) -> None:
+        """Logprobs of prompt tokens start+1 .. start+n (those this chunk's logits predict)."""
+        assert active.prompt_logprobs is not None
+        top = active.request.sampling.prompt_logprobs or 0
+        log_probs = torch.log_softmax(out.float(), dim=-1).cpu()
+        for j in range(n):
+            target = start + j + 1
+            if target < len(active.prompt):
+                lp = token_logprob(log_probs[j], active.prompt[target], top, self._text_of)
+                active.prompt_logprobs.append(lp)
+
+    def _emit(self, active: _Active, token: int | None, logprob: TokenLogprob | None) -> None:
+        """Turn one sampled token into an event (and the final event when the request ends)."""
+        p = active.request.sampling
+        finish: str | None = None
+        text = ""
+        if token is not None:
+            active.output.append(token)
+        if token is not None and token in active.stop_ids:
+            text, hit = active.stops.push(active.detok.flush())
+            finish = "stop"
+            text += "" if hit else active.stops.flush()
+        else:
+            if token is not None:
+                text, hit = active.stops.push(active.detok.push(token))
+                finish = "stop" if hit else None
+            total = len(active.prompt) + len(active.output)
+            if finish is None and (len(active.output) >= p.max_tokens or total >= self.max_context):
+                tail, hit = active.stops.push(active.detok.flush())
+                text += tail
+                finish = "stop" if hit else "length"
+                text += "" if hit else active.stops.flush()
+        first = len(active.output) <= 1
+        event = TokenEvent(
+            token_ids=(token,) if token is not None else (),
+            text=text,
+            logprobs=(logprob,) if logprob is not None else (),
+            finish_reason=finish,
+            prompt_tokens=len(active.prompt) if finish else 0,
+            completion_tokens=len(active.output) if finish else 0,
+            prompt_logprobs=tuple(active.prompt_logprobs) if first and active.prompt_logprobs is not None else None,
+        )
+        self._send(active, event)
+        if finish is not None:
+            self._finish(active)
+
+    def _finish(self, active: _Active) -> None:
+        """Drop a request: free its row (the last row moves into it) or take it off the waiting list."""
+        active.done = True
+        if self._by_id.get(active.request.request_id) is active:
+            del self._by_id[active.request.request_id]
+        if active.row < 0:
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(active)
+                self._unwait(active)
+            return
+        size = self._sizes[active.size]
+        last = size.rows.pop()
+        if last is not active:
+            size.cache.move_row(last.row, active.row, last.computed)
+            last.row = active.row
+            size.rows[active.row] = last
+        active.row = -1
+
+    def _fail(self, active: _Active, error: BaseException) -> None:
+        if not active.done:
+            self._finish(active)
+            self._send(active, error)
+
+    def _send(self, active: _Active, item: TokenEvent | BaseException) -> None:
+        self._outbox.setdefault(active.loop, []).append((active, item))
+
+    def _flush(self) -> None:
+        """Hand this step's events to their event loops, one callback per loop."""
+        box, self._outbox = self._outbox, {}
+        for loop, items in box.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                for active, _ in items:
+                    if not active.done:
+                        self._finish(active)
+
+    def _text_of(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = str(self.tokenizer.decode([token_id]))
+        return text
+
+    def _record(self, works: list[SizeWork], plan: list[list[tuple[_Active, int, int]]], seconds: float) -> None:
+        sizes = [owners[0][0].size for owners in plan if owners]
+        prefill = [sum(r.length for r in w.extend) for w in works]
+        decode = [len(w.decode) for w in works]
+        self.stats.record(sizes, prefill, decode, seconds)
+
+
+def _deliver(items: list[tuple[_Active, TokenEvent | BaseException]]) -> None:
+    for active, item in items:
+        active.events.put_nowait(item)

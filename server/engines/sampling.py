@@ -1,0 +1,106 @@
+"""Token choice for a batch of requests, each with its own sampling parameters and random stream.
+
+Every request owns a ``torch.Generator`` seeded from its ``seed`` (or from fresh entropy), and each
+row is sampled with its own generator, so a seeded request gives the same tokens whatever else
+shares its batch. Logprobs are those of the model's raw distribution (log_softmax of the logits,
+before penalties, temperature, top-k and top-p), as vLLM and OpenAI report them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from server.engines.base import SamplingParams, TokenLogprob
+
+
+class RequestSampler:
+    """Per-request sampling state: parameters, random stream, and counts of generated tokens
+    (OpenAI penalties count only the completion, not the prompt)."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int) -> None:
+        self.params = params
+        seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.counts: Tensor | None = None
+        if params.presence_penalty or params.frequency_penalty:
+            self.counts = torch.zeros(vocab_size, dtype=torch.float32)
+
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature <= 0.0
+
+    def observe(self, token_id: int) -> None:
+        if self.counts is not None and 0 <= token_id < self.counts.numel():
+            self.counts[token_id] += 1
+
+
+@dataclass(frozen=True)
+class Choice:
+    token_id: int
+    logprob: TokenLogprob | None
+
+
+def sample(logits: Tensor, samplers: Sequence[RequestSampler], token_text: Callable[[int], str]) -> list[Choice]:
+    """Choose one token per row of ``logits`` (rows, vocab; float32) for the matching sampler."""
+    logits = logits.float().cpu()
+    raw = logits
+    want_logprobs = any(s.params.logprobs is not None for s in samplers)
+    penalised = [i for i, s in enumerate(samplers) if s.counts is not None]
+    if penalised:
+        logits = logits.clone()
+        for i in penalised:
+            counts = samplers[i].counts
+            assert counts is not None
+            p = samplers[i].params
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    chosen = logits.argmax(dim=-1)
+    sampled = [i for i, s in enumerate(samplers) if not s.greedy]
+    if sampled:
+        picked = _sample_rows(logits[sampled], [samplers[i] for i in sampled])
+        chosen[sampled] = picked
+    log_probs = torch.log_softmax(raw, dim=-1) if want_logprobs else None
+    out = []
+    for i, s in enumerate(samplers):
+        token = int(chosen[i])
+        s.observe(token)
+        lp = None
+        if log_probs is not None and s.params.logprobs is not None:
+            lp = token_logprob(log_probs[i], token, s.params.logprobs, token_text)
+        out.append(Choice(token, lp))
+    return out
+
+
+def _sample_rows(logits: Tensor, samplers: Sequence[RequestSampler]) -> Tensor:
+    """Temperature, then top-k, then top-p, then one draw per row from that row's generator."""
+    temps = torch.tensor([s.params.temperature for s in samplers], dtype=torch.float32)[:, None]
+    scaled = logits / temps
+    top_k = [s.params.top_k for s in samplers]
+    top_p = [s.params.top_p for s in samplers]
+    vocab = scaled.shape[-1]
+    if all(k <= 0 or k >= vocab for k in top_k) and all(p >= 1.0 for p in top_p):
+        probs = torch.softmax(scaled, dim=-1)
+        return torch.stack([torch.multinomial(probs[r], 1, generator=s.generator)[0] for r, s in enumerate(samplers)])
+    values, indices = torch.sort(scaled, dim=-1, descending=True)
+    ranks = torch.arange(vocab)[None, :]
+    k = torch.tensor([kk if 0 < kk < vocab else vocab for kk in top_k])[:, None]
+    values = values.masked_fill(ranks >= k, float("-inf"))
+    probs = torch.softmax(values, dim=-1)
+    p = torch.tensor(top_p, dtype=torch.float32)[:, None]
+    before = torch.cumsum(probs, dim=-1) - probs  # mass of the better tokens
+    probs = probs.masked_fill((before >= p) & (ranks > 0), 0.0)
+    picks = [torch.multinomial(probs[r], 1, generator=s.generator)[0] for r, s in enumerate(samplers)]
+    return indices.gather(1, torch.stack(picks)[:, None])[:, 0]
+
+
+def token_logprob(log_probs: Tensor, token: int, top_n: int, token_text: Callable[[int], str]) -> TokenLogprob:
+    """The logprob of ``token`` and the ``top_n`` best alternatives (best first) from one row of log-probs."""
+    top: tuple[tuple[int, str, float], ...] = ()
+    if top_n > 0:
+        values, ids = torch.topk(log_probs, min(top_n, log_probs.numel()))
+        top = tuple((int(t), token_text(int(t)), float(v)) for v, t in zip(values, ids, strict=True))
+    return TokenLogprob(token_id=token, token=token_text(token), logprob=float(log_probs[token]), top=top)
