@@ -2,7 +2,7 @@
 
 Sources:
 
-- ``"pydoc"`` (the default, always present offline): Python's own documentation. Training text is
+- ``"pydoc"`` or ``"builtin"`` (the default, always present offline): Python's own documentation. Training text is
   every standard-library docstring (read with :mod:`ast`, nothing is imported) plus most of
   ``pydoc_data.topics``; a fixed set of topics is held out for evaluation and another, disjoint set
   for calibration (the KL patch-order search). About 0.45M tokens in all.
@@ -64,6 +64,32 @@ class Corpus:
     heldout: list[str]
     calib: list[str]
 
+    def without_leaks(self) -> Corpus:
+        """Remove from training (and calibration) text every paragraph that also occurs in the
+        held-out (and calibration) text: documents repeat each other (a ``pydoc`` topic on
+        compound statements quotes the ``for`` topic), and held-out text must be unseen."""
+        heldout = _paragraph_set(self.heldout)
+        calib = _drop_paragraphs(self.calib, heldout)
+        train = _drop_paragraphs(self.train, heldout | _paragraph_set(calib))
+        return Corpus(train=train, heldout=self.heldout, calib=calib)
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [p for p in text.split("\n\n") if p.strip()]
+
+
+def _paragraph_set(texts: Sequence[str]) -> set[str]:
+    return {p.strip() for t in texts for p in _paragraphs(t) if len(p.strip()) >= 40}
+
+
+def _drop_paragraphs(texts: Sequence[str], seen: set[str]) -> list[str]:
+    out = []
+    for text in texts:
+        kept = [p for p in _paragraphs(text) if p.strip() not in seen]
+        if kept:
+            out.append("\n\n".join(kept))
+    return out
+
 
 def corpus_texts(
     source: str | Path | None = None, max_texts: int | None = None
@@ -78,7 +104,7 @@ def corpus_texts(
 
 def load_corpus(source: str | Path | None = None, max_texts: int | None = None) -> Corpus:
     src = DEFAULT_SOURCE if source is None else source
-    if isinstance(src, str) and src == DEFAULT_SOURCE:
+    if isinstance(src, str) and src in (DEFAULT_SOURCE, "builtin"):
         return pydoc_corpus()
     if isinstance(src, str) and src.startswith("hf:"):
         return split_named(_hub_documents(src[3:], max_texts or 20_000))
@@ -102,8 +128,7 @@ def pydoc_corpus() -> Corpus:
 
     topics = sorted(pydoc_data.topics.topics.items())
     split = split_named([(f"topic:{name}", text) for name, text in topics])
-    train = split.train + stdlib_docstrings()
-    return Corpus(train=train, heldout=split.heldout, calib=split.calib)
+    return Corpus(train=split.train + stdlib_docstrings(), heldout=split.heldout, calib=split.calib).without_leaks()
 
 
 @functools.cache
@@ -232,7 +257,7 @@ def split_named(docs: Sequence[tuple[str, str]]) -> Corpus:
         calib, heldout, train = texts[:1], texts[1 : max(2, len(texts) // 5 + 1)], texts[max(2, len(texts) // 5 + 1) :]
     if not train:
         raise CorpusError(f"the corpus has only {len(ranked)} document(s): too little to train on")
-    return Corpus(train=train, heldout=heldout, calib=calib)
+    return Corpus(train=train, heldout=heldout, calib=calib).without_leaks()
 
 
 def token_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[int]:
