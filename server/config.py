@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from server.pool_config import PoolConfig, PoolTierFields, VllmEngineConfig
+
 DTypeName = Literal["float32", "bfloat16", "float16"]
 
 
@@ -52,13 +54,12 @@ class FamilyConfig(_Section):
     )
 
 
-class TierConfig(_Section):
+class TierConfig(PoolTierFields, _Section):
     """One served size. ``name`` is what clients may send as ``size``; ``size`` is any size form
     the family resolves (``k3``, ``96M``, ``0.5``)."""
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")]
     size: str
-    engine: Literal["local"] = "local"
 
     @field_validator("name")
     @classmethod
@@ -75,6 +76,7 @@ class LocalEngineConfig(_Section):
 
 class EnginesConfig(_Section):
     local: LocalEngineConfig = LocalEngineConfig()
+    vllm: VllmEngineConfig = VllmEngineConfig()
 
 
 class RoutingConfig(_Section):
@@ -128,6 +130,7 @@ class DeployConfig(_Section):
     routing: RoutingConfig = RoutingConfig()
     limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
+    pool: PoolConfig = PoolConfig()
 
     @model_validator(mode="after")
     def _unique_tiers(self) -> DeployConfig:
