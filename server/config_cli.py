@@ -209,7 +209,7 @@ def _with_lines(findings: list[Finding], path: str | Path) -> list[Finding]:
 
 
 def _line_of(root: yaml.Node | None, path: str) -> int | None:
-    if root is None:
+    if root is None or not path:
         return None
     node, line = root, root.start_mark.line + 1
     for part in re.findall(r"\[\d+\]|[^.\[\]]+", path):
