@@ -100,10 +100,12 @@ class RemoteEngine(Engine):
                 raise EngineError(f"/health answered {health.status_code}")
             if self._model is None:
                 models = (await self._client.get("/v1/models", timeout=5.0)).json()["data"]
-                ids = [m["id"] for m in models]
+                ids = [m["id"] for m in models if m.get("loaded", True)]  # a boomerang worker lists every size
                 named = [i for i in ids if i.lower().endswith(f":{self.size.lower()}")]
-                self._model = (named or ids)[0]
                 self._is_vllm = any(m.get("owned_by") == "vllm" for m in models)
+                if not named and not (self._is_vllm or len(ids) == 1):
+                    raise EngineError(f"it does not serve size {self.size} (it serves {', '.join(ids)})")
+                self._model = (named or ids)[0]
             self._healthy = True
         except (httpx.HTTPError, EngineError, KeyError, IndexError, ValueError) as exc:
             self._last_error = f"{type(exc).__name__}: {exc}"
