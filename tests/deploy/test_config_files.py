@@ -1,0 +1,76 @@
+"""``boomerang config check`` on every deploy file in deploy/ (all pass) and on the committed broken
+files (each prints exactly the problems its ``# expect:`` lines name); ``config schema``."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.config import DeployConfig, load_config
+from server.config_cli import check_file, check_files, json_schema
+from tests.deploy.conftest import DEPLOY, REPO, deploy_configs, run
+
+BROKEN = sorted((Path(__file__).parent / "broken").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", deploy_configs(), ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_deploy_file_passes_check(path: Path) -> None:
+    findings = check_file(path)
+    assert not [f for f in findings if not f.warning], "\n".join(f.render(str(path)) for f in findings)
+
+
+def test_default_config_documents_the_defaults() -> None:
+    """deploy/config.yaml says what `boomerang serve` does with no file: every key at its default."""
+    assert load_config(DEPLOY / "config.yaml") == DeployConfig()
+
+
+@pytest.mark.parametrize("path", BROKEN, ids=lambda p: p.stem)
+def test_broken_file_reports_every_expected_problem(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    expected = re.findall(r"^# expect: (.+)$", path.read_text(), re.M)
+    assert expected, f"{path.name} names no expected problem"
+    assert check_files([path]) == 1
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"{path}:")]
+    problems = [line for line in lines[:-1] if ": warning: " not in line]
+    assert lines[-1] == f"{path}: {len(expected)} problem{'s' if len(expected) > 1 else ''}", lines
+    for message in expected:
+        assert any(message in line for line in problems), f"{message!r} not in:\n" + "\n".join(problems)
+
+
+def test_problem_lines_point_into_the_file() -> None:
+    path = REPO / "tests/deploy/broken/unknown-keys.yaml"
+    text = path.read_text().splitlines()
+    for finding in check_file(path):
+        assert finding.line is not None
+        key = finding.path.rsplit(".", 1)[-1]
+        assert text[finding.line - 1].strip().lstrip("- ").startswith(f"{key}:"), (finding, text[finding.line - 1])
+
+
+def test_secret_in_file_is_a_warning_not_a_failure(tmp_path: Path) -> None:
+    path = tmp_path / "key.yaml"
+    path.write_text("auth:\n  api_key: sk-in-a-file\n")
+    findings = check_file(path)
+    assert [(f.path, f.warning, f.line) for f in findings] == [("auth.api_key", True, 2)]
+    assert "$BOOMERANG_API_KEY" in findings[0].message and "sk-in-a-file" not in findings[0].message
+    assert check_files([path]) == 0
+
+
+def test_command_line_exit_codes_and_schema() -> None:
+    good = run([sys.executable, "-m", "server.config_cli", "check", DEPLOY / "config.yaml"], cwd=REPO)
+    assert good.returncode == 0 and "ok (the demo family" in good.stdout, good.stdout + good.stderr
+    bad = run([sys.executable, "-m", "server.config_cli", "check", DEPLOY / "config.yaml", *BROKEN], cwd=REPO)
+    assert bad.returncode == 1
+    assert bad.stdout.count(" problem") == len(BROKEN), bad.stdout
+    schema = run([sys.executable, "-m", "server.config_cli", "schema"], cwd=REPO)
+    assert schema.returncode == 0
+    assert json.loads(schema.stdout) == json_schema()
+
+
+def test_schema_covers_every_section_and_refuses_unknown_keys() -> None:
+    schema = json_schema()
+    assert set(schema["properties"]) == set(DeployConfig.model_fields)
+    assert schema["additionalProperties"] is False
+    assert all(d.get("additionalProperties") is False for d in schema["$defs"].values() if "properties" in d)
