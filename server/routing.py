@@ -22,9 +22,6 @@ from server.engines.base import Engine, SizeLoad
 from server.errors import BadRequest, NotFound, TooManyRequests
 
 AUTO = "auto"
-# Relative cost of one more sequence in a decode step (a step at batch b costs 1 + GROWTH * (b - 1)
-# times a step at batch 1). Pessimistic for GPUs, about right for small models on CPU.
-BATCH_STEP_GROWTH = 0.1
 
 
 @dataclass(frozen=True)
@@ -54,7 +51,8 @@ class Prediction:
         return (
             f"{self.size.name} ({self.size.label} params, {self.memory_gb:.3g} GB) is predicted at "
             f"{self.latency_ms:.0f} ms (queue {self.queue_ms:.0f} + prefill {self.prefill_ms:.0f} + "
-            f"decode {self.decode_ms:.0f}) with {self.load.running} running and {self.load.waiting} waiting"
+            f"decode {self.decode_ms:.0f}) with {self.load.running} running and {self.load.waiting} waiting "
+            "on its engine"
         )
 
 
@@ -136,31 +134,33 @@ class Router:
     # --- prediction ---------------------------------------------------------------------------
 
     def predict(self, size: FamilySize, prompt_tokens: int, max_tokens: int, n: int = 1) -> Prediction:
+        """Sizes served by one engine share its batch: the queue is counted over all of them, and
+        the decode step is the engine's current step grown by this request's share of the work
+        (rows x parameters), so a larger size costs more to add to a busy batch."""
         engine = self.engines.get(size.name)
         load = engine.load(size.name) if engine is not None else SizeLoad()
+        peers = [(s, engine.load(s.name)) for s in self.family.sizes if engine is not None
+                 and self.engines.get(s.name) is engine]  # fmt: skip
+        running = sum(p.running for _, p in peers)
+        waiting = sum(p.waiting for _, p in peers)
+        work = sum(p.running * s.params for s, p in peers)
         cfg = self.config
-        step_now = load.decode_step_s
-        if step_now is None:
-            step_now = size.bytes / cfg.prior_bytes_per_s + cfg.prior_step_overhead_ms / 1e3
+        step = load.decode_step_s
+        if step is None:
+            step = size.bytes / cfg.prior_bytes_per_s + cfg.prior_step_overhead_ms / 1e3
+        step_after = step * (work + n * size.params) / work if work else step
         prefill_tps = load.prefill_tokens_per_s or cfg.prior_flops_per_s / (2 * size.params)
-
-        def step_at(batch: int) -> float:  # the measured step was taken at the current batch
-            grow = 1 + BATCH_STEP_GROWTH * (min(batch, self.max_batch_size) - 1)
-            return step_now * grow / (1 + BATCH_STEP_GROWTH * (max(load.running, 1) - 1))
-
-        ahead = load.running + load.waiting
-        over = ahead + n - self.max_batch_size
-        queue_s = load.waiting * prompt_tokens / prefill_tps  # the prompts queued before ours
+        queue_s = waiting * prompt_tokens / prefill_tps  # prompts queued before ours, about as long
+        over = running + waiting + n - self.max_batch_size
         if over > 0:  # wait for enough running requests to finish, about half their tokens each
-            rounds = math.ceil(over / self.max_batch_size)
-            queue_s += rounds * (self.typical_tokens / 2) * step_at(self.max_batch_size)
+            queue_s += math.ceil(over / self.max_batch_size) * (self.typical_tokens / 2) * step
         return Prediction(
             size=size,
             queue_ms=queue_s * 1e3,
             prefill_ms=n * prompt_tokens / prefill_tps * 1e3,
-            decode_ms=max_tokens * step_at(ahead + n) * 1e3,
+            decode_ms=max_tokens * step_after * 1e3,
             memory_gb=size.bytes / 1e9,
-            load=load,
+            load=SizeLoad(running, waiting, load.prefill_tokens_per_s, load.decode_step_s),
         )
 
     # --- choice -------------------------------------------------------------------------------

@@ -85,15 +85,16 @@ class Fanout:
         self._closed = False
 
     async def _pump(self, index: int) -> None:
-        iterator = self.engine.generate(self.choices[index].request)
-        try:
+        iterator: AsyncIterator[TokenEvent] | None = None
+        try:  # an engine may refuse at the call (queue full) or at the first event
+            iterator = self.engine.generate(self.choices[index].request)
             async for event in iterator:
                 self._queue.put_nowait((index, event))
             self._queue.put_nowait((index, _END))
         except Exception as exc:
             self._queue.put_nowait((index, exc))
         finally:
-            aclose = getattr(iterator, "aclose", None)
+            aclose = getattr(iterator, "aclose", None) if iterator is not None else None
             if aclose is not None:
                 with contextlib.suppress(Exception):
                     await aclose()
@@ -159,6 +160,10 @@ class Fanout:
                     await task
             for choice in self.choices:
                 if not choice.done:
+                    choice.done = True
+                    choice.prompt_tokens = len(choice.request.prompt_ids)
+                    choice.completion_tokens = len(choice.token_ids)
+                    self._record(choice)  # what an aborted choice cost still counts
                     with contextlib.suppress(Exception):
                         await self.engine.abort(choice.request.request_id)
 

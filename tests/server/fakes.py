@@ -68,11 +68,12 @@ class ScriptedEngine(Engine):
         return str(self.tokenizer.decode([token_id]))
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Refuses at the call, as the local engine does (the gateway also handles a refusal at the first event)."""
+        if sum(len(r) for r in self.running.values()) >= self.max_queue:
+            raise QueueFull("the queue is full (scripted)", retry_after_s=2.0)
         return self._generate(request)
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        if sum(len(r) for r in self.running.values()) >= self.max_queue:
-            raise QueueFull("the queue is full (scripted)", retry_after_s=2.0)
         self.requests.append(request)
         active = self.running[request.size]
         active.add(request.request_id)
