@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 from collections.abc import AsyncIterator
 
@@ -19,6 +20,7 @@ from server.config import DeployConfig
 from server.errors import BodyTooLarge, Unauthorized, error_response, install_error_handlers
 from server.gateway import EngineFactory, FamilyLoader, Gateway, load_family, local_engine
 from server.metrics import GatewayMetrics
+from server.pool_setup import pool_engine, uses_pool
 
 
 def create_app(
@@ -30,6 +32,8 @@ def create_app(
     """The gateway app. ``family_loader`` and ``engine_factory`` are seams for tests and for
     other engine kinds; the defaults load the configured family and run it in-process."""
     gateway = Gateway(config=settings, metrics=GatewayMetrics())
+    if engine_factory is local_engine and uses_pool(settings):  # vllm / remote tiers: the tier pool
+        engine_factory = functools.partial(pool_engine, registry=gateway.metrics.registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

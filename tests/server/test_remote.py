@@ -133,3 +133,51 @@ def test_a_remote_tier_of_the_pool_serves_through_the_worker(worker: str, family
             await pool.stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.vllm
+def test_the_gateway_serves_local_vllm_and_remote_tiers_side_by_side(
+    worker: str, family: Family, tiny_dirs: TinyFamilyDirs, tmp_path: Path
+) -> None:
+    """A real gateway process whose deploy file mixes all three engine kinds, through the openai client."""
+    import openai
+
+    tiers = [
+        {"name": "small", "size": "k0"},
+        {"name": "k3", "size": "k3", "engine": "remote", "url": worker},
+        {"name": "k4", "size": "k4", "engine": "vllm", "min_replicas": 1, "max_replicas": 2},
+    ]
+    data = deploy_dict(tiny_dirs, tiers=tiers, engines={"vllm": {"max_model_len": 256, "kv_cache_gb": 0.02}},
+                       pool={"memory_budget_gb": 4})  # fmt: skip
+    config = write_deploy(tmp_path / "gateway.yaml", data)
+    port = _free_port()
+    log = tmp_path / "gateway.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.run", str(config), "--port", str(port)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+        for size in ("k0", "k3", "k4"):
+            stream = client.completions.create(
+                model=f"tiny:{size}", prompt=list(PROMPT), max_tokens=8, temperature=0, stream=True
+            )
+            text = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+            assert text == _expected(family, size, 8), size
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'boomerang_replicas{size="k4"} 1.0' in metrics
+        assert 'boomerang_scale_events_total{direction="up",reason="min",size="k4"} 1.0' in metrics
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
