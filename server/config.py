@@ -103,7 +103,9 @@ class LimitsConfig(_Section):
         default=None, description="default: the model's context length"
     )
     max_tokens: Annotated[int, Field(ge=1)] = 4096
-    default_max_tokens: Annotated[int, Field(ge=1)] = 256
+    default_max_tokens: Annotated[int, Field(ge=1)] = Field(
+        default=256, description="chat max_tokens when the request sets none (capped by max_tokens and the context)"
+    )
     max_n: Annotated[int, Field(ge=1, le=128)] = 16
 
 
@@ -139,8 +141,6 @@ class DeployConfig(_Section):
             if tier.name.lower() in seen:
                 raise ValueError(f"tier name '{tier.name}' is used twice")
             seen.add(tier.name.lower())
-        if self.limits.default_max_tokens > self.limits.max_tokens:
-            raise ValueError("limits.default_max_tokens must be <= limits.max_tokens")
         return self
 
 
