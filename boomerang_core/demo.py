@@ -27,7 +27,6 @@ from boomerang_core.data import corpus_texts, token_blocks
 from boomerang_core.distill import DistillConfig, distill
 from boomerang_core.errors import ModelNotFound
 from boomerang_core.family import FAMILY_FILE, Family
-from boomerang_core.klpatch import klpatch_order
 from boomerang_core.store import LayerStore
 
 DEMO_NAME = "smollm2-135m"
@@ -124,7 +123,12 @@ def ensure_demo(cache_dir: str | Path | None = None, progress: bool = True) -> P
 
 
 def demo_family_from_store(store: LayerStore, progress: bool = True) -> Family:
-    """The demo family over ``store`` in the default patch order: KLPatch on the calibration split."""
+    """The demo family over ``store`` in the default patch order: KLPatch on the calibration split
+    (DESIGN.md section 5: strictly monotone, better than ``last`` at most sizes), else ``last``."""
+    try:
+        from boomerang_core.klpatch import klpatch_order
+    except ImportError:
+        return Family.from_store(DEMO_NAME, store, order="last")
     assert store.tokenizer is not None
     _, _, calib = corpus_texts(DistillConfig().corpus)
     calib_ids = token_blocks(store.tokenizer, calib, 256, max_blocks=CALIB_BLOCKS)

@@ -297,13 +297,16 @@ class LossBar(ProgressCallback):
 
 
 class StopAfter(TrainerCallback):
-    """Save a checkpoint and stop after optimizer step ``step``, as an interrupted run would."""
+    """Save a checkpoint and stop after optimizer step ``step`` or once ``seconds`` of wall time
+    have passed, as an interrupted run would (a rerun resumes from there)."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int | None = None, seconds: float | None = None) -> None:
         self.step = step
+        self.deadline = time.monotonic() + seconds if seconds is not None else None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step >= self.step:
+        late = self.deadline is not None and time.monotonic() >= self.deadline
+        if late or (self.step is not None and state.global_step >= self.step):
             control.should_save = True
             control.should_training_stop = True
 
@@ -335,6 +338,7 @@ def distill(
     train_blocks: Tensor | None = None,
     callbacks: list[TrainerCallback] | None = None,
     stop_after_steps: int | None = None,
+    time_limit_s: float | None = None,
     report: Callable[[str], None] | None = None,
 ) -> Path:
     """Distil a student from ``teacher_source`` (HF directory, GGUF file or hub id) into ``out_dir``.
@@ -344,7 +348,8 @@ def distill(
     ``out_dir/checkpoints``; with ``resume`` a rerun continues from the latest one (same data order,
     no repeated or lost optimizer steps). ``train_blocks`` (n, seq_len) overrides the corpus;
     ``stop_after_steps`` stops early after that optimizer step (as an interruption would) without
-    changing the schedule. Returns ``out_dir``.
+    changing the schedule; ``time_limit_s`` does the same after that many seconds of training.
+    Returns ``out_dir``; it holds a final student only if the whole budget was trained.
     """
     config = config or DistillConfig()
     out = Path(out_dir).expanduser()
@@ -372,8 +377,8 @@ def distill(
         recipe=config,
         callbacks=[StudentConfigOnSave(spec), *(callbacks or [])],
     )
-    if stop_after_steps is not None:
-        trainer.add_callback(StopAfter(stop_after_steps))
+    if stop_after_steps is not None or time_limit_s is not None:
+        trainer.add_callback(StopAfter(stop_after_steps, time_limit_s))
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(LossBar())
