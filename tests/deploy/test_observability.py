@@ -43,7 +43,7 @@ SIZELESS = {
     'up{job="boomerang"}',
 }
 # Grafana's variables as a dashboard with `size` = All sends them.
-GRAFANA_VARS = {"$__rate_interval": "1m", "$__range": "5m", "$size": ".*"}
+GRAFANA_VARS = {"$__rate_interval": "1m", "$size": ".*"}
 ALERT_FORM = re.compile(r"^(?P<signal>.+?)\s*(?P<op>==|!=|>=|<=|>|<)\s*(?P<threshold>-?[0-9.]+(?:e-?[0-9]+)?)$", re.S)
 # Two sizes on the gateway's in-process engine, one on a remote worker (a second gateway process):
 # the tier pool and its metrics (replicas, memory budget) only exist for pool-managed tiers.
