@@ -1,0 +1,183 @@
+"""Score many plans on the same token blocks, running every shared layer prefix once.
+
+A plan search scores tens to hundreds of plans that differ in a few edges; most of them begin with
+the same embeddings and the same first layers. Plans are visited in lexicographic order of
+``(embed, layers)`` and the hidden states of the current plan's prefix are kept on a stack, so each
+plan only runs the layers after its longest prefix in common with the previous one (the KLPatch
+trick of feeding recorded layer inputs back through ``inputs_embeds``, applied to a whole set of
+plans). Memory: one hidden state per depth and batch, ``(batch, seq, hidden)`` float32 each.
+
+Two scores per plan, both in nats per token:
+
+- ``nll``: mean next-token negative log-likelihood, counted exactly as
+  :func:`boomerang_core.evaluate.perplexity` counts it (``exp(nll)`` is that perplexity);
+- ``kl``: mean KL(teacher || plan) over every position, when the teacher's distributions are given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from boomerang_core.assemble import DepthBoundLayer, build
+from boomerang_core.plan import LayerRef, SizePlan, Source, teacher_plan
+from boomerang_core.store import LayerStore
+
+
+@dataclass(frozen=True)
+class PlanScore:
+    """``nll``: next-token NLL, nats per predicted token; ``kl``: KL(teacher || plan), nats per
+    position (``None`` without teacher targets)."""
+
+    nll: float
+    kl: float | None
+
+
+@dataclass
+class TeacherPass:
+    """The teacher on a set of blocks, computed once: per batch, the token ids, the hidden state at
+    every teacher layer boundary (``states[b][i]`` enters teacher layer ``i``; ``states[b][N]``
+    leaves the last layer, before the final norm) and the next-token distributions."""
+
+    batches: list[torch.Tensor]  # (batch, seq) token ids
+    states: list[list[torch.Tensor]]  # per batch, N + 1 tensors (batch, seq, hidden)
+    probs: list[torch.Tensor]  # (batch, seq, vocab) float32
+    neg_entropy: list[float]  # per batch: sum over positions of sum_v p log p, nats
+
+    @property
+    def num_positions(self) -> int:
+        return sum(ids.numel() for ids in self.batches)
+
+
+def split_blocks(store: LayerStore, blocks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    if blocks.dim() != 2 or blocks.shape[1] < 2:
+        raise ValueError(f"blocks must be (n, seq) token ids with seq >= 2, got shape {tuple(blocks.shape)}")
+    return [b.to(store.device) for b in blocks.split(batch_size)]
+
+
+@torch.no_grad()
+def teacher_pass(store: LayerStore, blocks: torch.Tensor, batch_size: int = 4) -> TeacherPass:
+    """One teacher forward over ``blocks`` (``(n, seq)`` token ids), keeping what every later
+    score needs: the boundary hidden states and the teacher's next-token distributions."""
+    plan = teacher_plan(store.num_teacher_layers)
+    batches = split_blocks(store, blocks, batch_size)
+    states, probs, neg_entropy = [], [], []
+    for ids in batches:
+        h0 = store.embeds["teacher"](ids)  # (batch, seq, hidden)
+        path = [h0, *run_layers(store, plan, plan.layers, h0)]
+        logp = final_log_probs(store, plan, path[-1])
+        p = logp.exp()
+        states.append(path)
+        probs.append(p)
+        neg_entropy.append(float((p * logp).sum()))
+    return TeacherPass(batches=batches, states=states, probs=probs, neg_entropy=neg_entropy)
+
+
+def run_layers(store: LayerStore, plan: SizePlan, refs: Sequence[LayerRef], hidden: torch.Tensor) -> list[torch.Tensor]:
+    """Feed ``hidden`` (the input of the first of ``refs``) through the store layers ``refs``;
+    returns the output of each, in order. Layers run inside a size built from the store (so masks
+    and rotary embeddings are the model's own), never by calling a layer with hand-made arguments."""
+    if not refs:
+        return []
+    model = build(SizePlan(layers=tuple(refs), embed=plan.embed, norm=plan.norm, head=plan.head), store)
+    outputs: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, _args: Any, output: Any) -> None:
+        outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    wrappers = [m for m in model.modules() if isinstance(m, DepthBoundLayer)]
+    handles = [w.register_forward_hook(hook) for w in wrappers]
+    try:
+        store.adapter.base_model(model)(inputs_embeds=hidden, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(outputs) != len(refs):
+        raise RuntimeError(f"ran {len(outputs)} layers, expected {len(refs)}")
+    return outputs
+
+
+def final_log_probs(store: LayerStore, plan: SizePlan, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities from the last layer's output, through the plan's final norm and
+    head: ``(batch, seq, vocab)`` float32."""
+    logits = store.heads[plan.head](store.norms[plan.norm](hidden))
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def plan_key(plan: SizePlan) -> tuple[Source, Source, Source, tuple[LayerRef, ...]]:
+    """What makes two plans the same model (origin and bookkeeping aside)."""
+    return (plan.embed, plan.norm, plan.head, plan.layers)
+
+
+def _order_key(plan: SizePlan) -> tuple[str, tuple[tuple[str, int], ...]]:
+    return (plan.embed, tuple((r.source, r.index) for r in plan.layers))
+
+
+@torch.no_grad()
+def score_plans(
+    store: LayerStore,
+    plans: Sequence[SizePlan],
+    blocks: torch.Tensor | None = None,
+    *,
+    teacher: TeacherPass | None = None,
+    batch_size: int = 4,
+    progress: bool = False,
+    desc: str = "plans",
+) -> list[PlanScore]:
+    """Scores of ``plans`` (in their order) on ``blocks``, or on ``teacher``'s blocks with the KL
+    to the teacher as well. Each distinct plan is run once; shared prefixes are run once per run
+    of plans that share them."""
+    if teacher is None and blocks is None:
+        raise ValueError("give the token blocks, or a TeacherPass to score against")
+    if teacher is not None:
+        batches = teacher.batches
+    else:
+        assert blocks is not None
+        batches = split_blocks(store, blocks, batch_size)
+    n_predicted = sum(ids[:, 1:].numel() for ids in batches)
+    n_positions = sum(ids.numel() for ids in batches)
+    unique: dict[tuple[Any, ...], SizePlan] = {}
+    for plan in plans:
+        unique.setdefault(plan_key(plan), plan)
+    visit = sorted(unique.values(), key=_order_key)
+    # stacks[b][d]: input of depth d of the current plan for batch b; stacks[b][0] is the embedding.
+    stacks: list[list[torch.Tensor]] = [[] for _ in batches]
+    current: tuple[str, tuple[LayerRef, ...]] | None = None
+    scores: dict[tuple[Any, ...], PlanScore] = {}
+    for plan in tqdm(visit, desc=desc, unit="plan", disable=not progress, leave=False):
+        shared = _shared_depth(current, plan)
+        start = max(shared, 0)
+        nll_sum, kl_sum = 0.0, 0.0
+        for b, ids in enumerate(batches):
+            stack = stacks[b]
+            del stack[shared + 1 :]
+            if not stack:
+                stack.append(store.embeds[plan.embed](ids))  # (batch, seq, hidden)
+            stack.extend(run_layers(store, plan, plan.layers[start:], stack[-1]))
+            logp = final_log_probs(store, plan, stack[-1])  # (batch, seq, vocab)
+            nll_sum += float(-logp[:, :-1].gather(-1, ids[:, 1:, None]).sum())
+            if teacher is not None:
+                kl_sum += teacher.neg_entropy[b] - float((teacher.probs[b] * logp).sum())
+        current = (plan.embed, plan.layers)
+        scores[plan_key(plan)] = PlanScore(
+            nll=nll_sum / n_predicted, kl=kl_sum / n_positions if teacher is not None else None
+        )
+    return [scores[plan_key(p)] for p in plans]
+
+
+def _shared_depth(current: tuple[str, tuple[LayerRef, ...]] | None, plan: SizePlan) -> int:
+    """How many of ``plan``'s first layers the stacked states already hold (``-1``: not even the
+    embeddings, which differ by source)."""
+    if current is None or current[0] != plan.embed:
+        return -1
+    depth = 0
+    for a, b in zip(current[1], plan.layers, strict=False):
+        if a != b:
+            break
+        depth += 1
+    return depth
