@@ -142,3 +142,10 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path, teacher_dir: Path, blocks:
         distill(tmp_path / "missing.gguf", tmp_path / "out", recipe(), progress=False)
     with pytest.raises(BoomerangError, match="exceed"):  # 5 + 2 kept layers of a 6-layer teacher
         distill(teacher_dir, tmp_path / "out", recipe(first_layers_to_keep=5), train_blocks=blocks, progress=False)
+
+
+def test_time_limit_saves_a_resumable_checkpoint(teacher_dir: Path, blocks: torch.Tensor) -> None:
+    out = teacher_dir.parent / "timed"
+    distill(teacher_dir, out, recipe(), train_blocks=blocks, progress=False, time_limit_s=0)
+    assert (out / CHECKPOINTS / "checkpoint-1").is_dir()
+    assert not (out / CHECKPOINTS / "checkpoint-2").exists() and not (out / "model.safetensors").exists()
