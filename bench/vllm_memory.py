@@ -152,9 +152,8 @@ def main() -> None:
     weights = sum(info["sizes"].values())
     print(f"plain:  {len(sizes)} processes, PSS {plain_pss / GIB:.3f} GiB "
           f"({', '.join(f'{b / GIB:.2f}' for b in plain_each)})")  # fmt: skip
-    print(
-        f"weights: store {info['store_bytes'] / GIB:.3f} GiB resident once; the four checkpoints {weights / GIB:.3f} GiB"
-    )
+    store_gib = info["store_bytes"] / GIB
+    print(f"weights: store {store_gib:.3f} GiB resident once; the four checkpoints {weights / GIB:.3f} GiB")
     print(f"RATIO plain / shared PSS = {plain_pss / shared_pss:.2f}x (saved {(plain_pss - shared_pss) / GIB:.3f} GiB)")
     result = {**info, "kv_cache_gb": float(args.kv_cache_gb), "shared_pss": shared_pss, "plain_pss": plain_pss,
               "plain_pss_each": plain_each, "ratio": plain_pss / shared_pss}  # fmt: skip
