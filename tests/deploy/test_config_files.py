@@ -74,3 +74,13 @@ def test_schema_covers_every_section_and_refuses_unknown_keys() -> None:
     assert set(schema["properties"]) == set(DeployConfig.model_fields)
     assert schema["additionalProperties"] is False
     assert all(d.get("additionalProperties") is False for d in schema["$defs"].values() if "properties" in d)
+
+
+def test_boomerang_console_script_has_the_config_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    from server.cli import main
+
+    assert main(["config", "check", str(DEPLOY / "config.yaml")]) == 0
+    assert main(["config", "check", str(BROKEN[0])]) == 1
+    capsys.readouterr()
+    assert main(["config", "schema"]) == 0
+    assert json.loads(capsys.readouterr().out) == json_schema()
