@@ -35,11 +35,15 @@ from boomerang_core.store import LayerStore
 class KLPatchResult:
     """``order``: every block, in patch order. ``kl[j]``: KL(teacher || size) in nats per token
     after patching ``order[: j + 1]`` (the last entry, the teacher itself, is 0).
-    ``seconds``: wall time of the search."""
+    ``seconds``: wall time of the search, ``cpu_seconds`` its process CPU time (steadier on a
+    shared machine). ``work``: fraction of the layer-token passes (the LM head counted as the
+    layers it costs) that a naive search with one full forward per candidate would run."""
 
     order: list[int]
     kl: list[float]
     seconds: float
+    cpu_seconds: float = 0.0
+    work: float = 1.0
 
 
 @dataclass
@@ -72,7 +76,7 @@ def klpatch_search(
         raise StudentConfigError("KLPatch needs a store with a student")
     if calib_ids.dim() != 2 or calib_ids.shape[1] < 2:
         raise ValueError(f"calib_ids must be (n, seq) token ids, got shape {tuple(calib_ids.shape)}")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     batches = [b.to(store.device) for b in calib_ids.split(batch_size)]
     n_tokens = calib_ids.numel()
     n_blocks = spec.num_student_layers
@@ -80,10 +84,11 @@ def klpatch_search(
 
     teacher = build(teacher_plan(store.num_teacher_layers), store)
     targets = [_target(teacher(input_ids=ids, use_cache=False).logits) for ids in batches]
-    student = _run(build(plan_for_patched(spec, []), store), batches, targets)
-    assert student is not None
-    states = student[0]
+    states = _run(build(plan_for_patched(spec, []), store), batches, targets).states
 
+    # Work accounting in layer-batch passes; the LM head counts as the layers its weights equal.
+    head_cost = _head_cost(store)
+    naive_work = done_work = 0.0
     patched: list[int] = []
     kls: list[float] = []
     # Previous-step KL estimate per block; the first step tries the cheapest (latest) blocks first.
@@ -102,15 +107,16 @@ def klpatch_search(
                     suffix = replace(plan, layers=plan.layers[depth:])
                     inputs = [s[depth] for s in states]
                     run = _run(build(suffix, store), batches, targets, inputs, bound=bound)
+                naive_work += (plan.num_layers + head_cost) * len(batches)
+                done_work += (plan.num_layers - depth + head_cost) * run.batches_run
                 bar.update(1)
-                if run is None:  # its partial KL already exceeds the best: it cannot win
+                if not run.complete:  # its partial KL already exceeds the best: it cannot win
                     estimate[block] = bound / n_tokens
                     continue
-                tail, kl_sum = run
-                kl = kl_sum / n_tokens
+                kl = run.kl_sum / n_tokens
                 estimate[block] = kl
                 if best is None or kl < best[0] or (kl == best[0] and block < best[1]):
-                    best = (kl, block, [s[:depth] + t for s, t in zip(states, tail, strict=True)])
+                    best = (kl, block, [s[:depth] + t for s, t in zip(states, run.states, strict=True)])
             assert best is not None
             kl, block, states = best
             patched.append(block)
@@ -118,7 +124,13 @@ def klpatch_search(
             bar.set_postfix(step=len(patched), block=block, kl=f"{kl:.4f}")
     patched += [b for b in range(n_blocks) if b not in patched]
     kls.append(0.0)
-    return KLPatchResult(order=patched, kl=kls, seconds=time.perf_counter() - start)
+    return KLPatchResult(
+        order=patched,
+        kl=kls,
+        seconds=time.perf_counter() - start,
+        cpu_seconds=time.process_time() - cpu_start,
+        work=done_work / naive_work if naive_work else 1.0,
+    )
 
 
 def _block_depth(blocks: Sequence[range], patched: Sequence[int], block: int) -> int:
@@ -133,16 +145,29 @@ def _target(logits: torch.Tensor) -> _Target:
     return _Target(probs=probs, neg_entropy=(probs * logp).sum())
 
 
+@dataclass
+class _Pass:
+    """One candidate's run: per completed batch the input of every layer, the KL summed over
+    their tokens (nats), and whether every batch ran (False: stopped at the bound)."""
+
+    states: list[list[torch.Tensor]]
+    kl_sum: float
+    complete: bool
+
+    @property
+    def batches_run(self) -> int:
+        return len(self.states) + (0 if self.complete else 1)
+
+
 def _run(
     model: nn.Module,
     batches: Sequence[torch.Tensor],
     targets: Sequence[_Target],
     inputs: Sequence[torch.Tensor] | None = None,
     bound: float = math.inf,
-) -> tuple[list[list[torch.Tensor]], float] | None:
+) -> _Pass:
     """Run ``model`` on every batch (from token ids, or from hidden states ``inputs`` fed to its
-    first layer). Returns, per batch, the input of every layer, and the KL summed over tokens in
-    nats; or None as soon as that sum exceeds ``bound``."""
+    first layer), stopping as soon as the summed KL exceeds ``bound``."""
     states: list[list[torch.Tensor]] = []
     kl_sum = 0.0
     for i, (ids, target) in enumerate(zip(batches, targets, strict=True)):
@@ -154,9 +179,17 @@ def _run(
         logp = torch.log_softmax(logits.float(), dim=-1)  # (batch, seq, vocab)
         kl_sum += float(target.neg_entropy - (target.probs * logp).sum())
         if kl_sum > bound:
-            return None
+            return _Pass(states, kl_sum, complete=False)
         states.append(recorded)
-    return states, kl_sum
+    return _Pass(states, kl_sum, complete=True)
+
+
+def _head_cost(store: LayerStore) -> float:
+    """The LM head's multiply-adds per token, in units of one teacher layer's."""
+    head = store.heads["teacher"]
+    head_params = sum(p.numel() for p in head.parameters())
+    layer_params = sum(p.numel() for p in store.layers["teacher"][0].parameters())
+    return head_params / max(layer_params, 1)
 
 
 @contextmanager
