@@ -346,6 +346,15 @@ def test_client_disconnect_frees_its_slot(server: Server) -> None:
     assert server.metric("boomerang_generation_tokens_total", size="k4") - before < 300  # cut long before 380
     assert server.metric("boomerang_requests_total", size="k4", status="499") >= 1
 
+    body["stream"] = False  # a whole-reply request whose client gives up is aborted too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=3, headers={"Authorization": f"Bearer {KEY}"})
+    deadline = time.monotonic() + 10
+    while server.metric("boomerang_running_requests", size="k4") > 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.metric("boomerang_running_requests", size="k4") == 0
+    assert server.metric("boomerang_requests_total", size="k4", status="499") >= 2
+
 
 def test_64_concurrent_streams_lose_duplicate_and_mix_nothing(server: Server) -> None:
     sizes = ["k0", "k3", "k4", "k5"]
