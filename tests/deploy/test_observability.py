@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -170,8 +171,6 @@ class Live:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
