@@ -283,31 +283,46 @@ def front_family(
     progress: bool = True,
     **search_kwargs: Any,
 ) -> Family:
+    """Search, then :func:`family_from_search` with the held-out perplexity of every front plan
+    (when ``heldout_blocks``, ``(n, seq)`` token ids apart from the calibration ones, are given)."""
+    result = search(store, calib_blocks, progress=progress, **search_kwargs)
+    ppl = None
+    if heldout_blocks is not None:
+        scores = score_plans(store, result.plans, heldout_blocks, progress=progress, desc="held-out perplexity")
+        ppl = [math.exp(s.nll) for s in scores]
+    tokens = {
+        "calib": int(calib_blocks.numel()),
+        "heldout": int(heldout_blocks.numel()) if heldout_blocks is not None else 0,
+    }
+    return family_from_search(name, store, result, ppl, k_best=search_kwargs.get("k_best", 4), tokens=tokens)
+
+
+def family_from_search(
+    name: str,
+    store: LayerStore,
+    result: SearchResult,
+    perplexities: Sequence[float] | None = None,
+    **info: Any,
+) -> Family:
     """A family whose sizes are the searched plans, one per layer count, named ``l<layers>``.
 
-    Each size carries its held-out perplexity (when ``heldout_blocks`` is given) and the plan its
-    calibration KL (``plan.meta["calib_kl"]``, nats per position). A size that is larger and no
-    better than another (held-out perplexity, else calibration KL) is marked dominated, so the
-    router never picks it. ``Family.save`` writes it all to ``family.json``: serving never repeats
-    the search.
+    Each size carries its held-out perplexity (``perplexities``, one per ``result.plans``) and its
+    plan the calibration KL (``plan.meta["calib_kl"]``, nats per position). A size that is larger
+    and no better than another (by held-out perplexity, else calibration KL) is marked dominated,
+    so the router never picks it. ``Family.save`` writes it all to ``family.json``: serving never
+    repeats the search. ``info`` goes into ``family.info["search"]``.
     """
-    result = search(store, calib_blocks, progress=progress, **search_kwargs)
     plans = result.plans
-    ppl: list[float | None] = [None] * len(plans)
-    if heldout_blocks is not None:
-        scores = score_plans(store, plans, heldout_blocks, progress=progress, desc="held-out perplexity")
-        ppl = [math.exp(s.nll) for s in scores]
-    info = {
-        "search": {
-            "method": "k-best DP on 1-cos edge costs, reranked by calibration KL",
-            "k_best": search_kwargs.get("k_best", 4),
-            "calib_tokens": int(calib_blocks.numel()),
-            "heldout_tokens": int(heldout_blocks.numel()) if heldout_blocks is not None else 0,
-            "plans_scored": len(result.candidates),
-            "seconds": {k: round(v, 1) for k, v in result.seconds.items()},
-        }
+    ppl: list[float | None] = list(perplexities) if perplexities is not None else [None] * len(plans)
+    if len(ppl) != len(plans):
+        raise ValueError(f"{len(ppl)} perplexities for {len(plans)} plans")
+    search_info = {
+        "method": "k-best DP on 1-cos edge costs, reranked by calibration KL",
+        "plans_scored": len(result.candidates),
+        "seconds": {k: round(v, 1) for k, v in result.seconds.items()},
+        **info,
     }
-    family = Family.from_plans(name, store, plans, order="search", **info)
+    family = Family.from_plans(name, store, plans, order="search", search=search_info)
     quality = [p if p is not None else float(plan.meta["calib_kl"]) for p, plan in zip(ppl, plans, strict=True)]
     flags = dominated_flags([s.params for s in family.sizes], quality)
     names = [f"l{plan.num_layers}" for plan in plans]
