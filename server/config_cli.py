@@ -27,7 +27,7 @@ import yaml
 
 from server.config import ConfigError, DeployConfig, load_config
 
-_SIZE_NAME = re.compile(r"^[ks]\d+$")  # the names Family gives its sizes
+_SIZE_NAME = re.compile(r"^[a-z]\d+$")  # the names families give their sizes: k3 (patched blocks), l12 (layers)
 _PARAM_LABEL = re.compile(r"^\d+(\.\d+)?[kmbg]$")  # 96M, 2.3B (boomerang_core.family.parse_param_label)
 _PROBLEM_PATH = re.compile(r"^((?:[A-Za-z_][\w-]*|\[\d+\])(?:\.[A-Za-z_][\w-]*|\[\d+\])*): (.*)$", re.S)
 

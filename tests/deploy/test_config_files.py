@@ -84,3 +84,11 @@ def test_boomerang_console_script_has_the_config_commands(capsys: pytest.Capture
     capsys.readouterr()
     assert main(["config", "schema"]) == 0
     assert json.loads(capsys.readouterr().out) == json_schema()
+
+
+def test_every_size_form_a_family_reads_passes(tmp_path: Path) -> None:
+    forms = ["k3", "l12", "s0", "96M", "2.3B", "0.5", "1"]
+    tiers = "".join(f"  - name: t{i}\n    size: '{form}'\n" for i, form in enumerate(forms))
+    path = tmp_path / "forms.yaml"
+    path.write_text(f"tiers:\n{tiers}routing:\n  default_size: t3\n")
+    assert check_file(path) == []
