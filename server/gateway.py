@@ -5,7 +5,9 @@ metrics. Created by the lifespan, kept on ``app.state.gateway``, reached by rout
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +75,7 @@ class Gateway:
     async def bring_up(self, load: FamilyLoader, make_engine: EngineFactory) -> None:
         """Load the family off the event loop, start the engines, then start routing."""
         try:
-            family = await asyncio.to_thread(load, self.config)
+            family = await _in_daemon_thread(load, self.config)
             if family.store.tokenizer is None:
                 raise ValueError("the family has no tokenizer: the teacher directory must hold its tokenizer files")
             tiers = tier_table(family, self.config)
@@ -134,6 +136,34 @@ class Gateway:
     def served_name(self, size: FamilySize) -> str:
         assert self.family is not None
         return f"{self.family.name}:{size.name}"
+
+
+async def _in_daemon_thread(load: FamilyLoader, config: DeployConfig) -> Family:
+    """Run a (possibly minutes-long: the demo distils on first use) load off the event loop in a
+    daemon thread, so that stopping the server while it loads does not wait for it to finish."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Family] = loop.create_future()
+
+    def settle(result: Family | None, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        result: Family | None = None
+        error: BaseException | None = None
+        try:
+            result = load(config)
+        except BaseException as exc:
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop closed while we loaded: nobody waits
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name="boomerang-bring-up", daemon=True).start()
+    return await done
 
 
 def get_gateway(request: Request) -> Gateway:
