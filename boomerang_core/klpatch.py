@@ -171,7 +171,7 @@ def _run(
     states: list[list[torch.Tensor]] = []
     kl_sum = 0.0
     for i, (ids, target) in enumerate(zip(batches, targets, strict=True)):
-        with _record_layer_inputs(model) as recorded:
+        with record_layer_inputs(model) as recorded:
             if inputs is None:
                 logits = model(input_ids=ids, use_cache=False).logits
             else:
@@ -193,7 +193,7 @@ def _head_cost(store: LayerStore) -> float:
 
 
 @contextmanager
-def _record_layer_inputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+def record_layer_inputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     """Record the hidden state entering each decoder layer of a built size, in depth order.
 
     Hooks go on the size's own per-depth wrappers, never on the shared store layers (and

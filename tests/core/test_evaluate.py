@@ -13,7 +13,14 @@ import torch
 from boomerang_core.alignment import StudentSpec
 from boomerang_core.assemble import build
 from boomerang_core.baselines import block_influence, shortgpt_dropped, shortgpt_plan, undistilled_plan
-from boomerang_core.evaluate import CurvePoint, CurveResult, evaluate_family, mark_dominated, perplexity
+from boomerang_core.evaluate import (
+    CurvePoint,
+    CurveResult,
+    evaluate_family,
+    mark_dominated,
+    perplexities,
+    perplexity,
+)
 from boomerang_core.family import Family, FamilySize
 from boomerang_core.plan import LayerRef, plan_for_patched, teacher_plan
 from boomerang_core.store import LayerStore
@@ -175,3 +182,16 @@ def test_curve_verdicts() -> None:
     assert result.best_order == "first"
     md = result.to_markdown()
     assert "**Monotone: no.**" in md and "k1 (4 layers): 95.0 vs 80.0 (+19%)" in md
+
+
+def test_shared_prefix_perplexities_match_one_plan_at_a_time() -> None:
+    store = _store()
+    spec = store.spec
+    assert spec is not None
+    plans = [plan_for_patched(spec, patched) for patched in ([], [4], [4, 3], [0], [0, 1, 2, 3, 4], [2])]
+    plans += [undistilled_plan(p, spec) for p in plans[:3]]
+    plans += [teacher_plan(8, dropped) for dropped in ((7,), (6, 7), (5, 6, 7), (2,))]
+    held = _ids(3, 20, 4)
+    shared = perplexities(store, plans, held, batch_size=2)
+    alone = [perplexity(build(p, store), held, batch_size=2) for p in plans]
+    assert shared == pytest.approx(alone, rel=1e-5)
