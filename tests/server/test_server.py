@@ -1,6 +1,6 @@
 """The real server in a subprocess, the real in-process engine, the real ``openai`` client.
 
-Two servers start side by side once for the module: ``main`` (API key, 4 sizes, batch 8) and
+Two servers start side by side once for the module: ``main`` (API key, 4 sizes, batch 16) and
 ``strict`` (batch 1, queue 1, no degrading) for the 429 paths.
 """
 
@@ -8,16 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,59 +24,9 @@ from boomerang_core.family import Family
 from server.config import parse_config
 from server.gateway import load_family
 from tests.server.conftest import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
+from tests.server.live import KEY, PROMPTS, Holders, Server, launch, wait_ready
 
 pytestmark = pytest.mark.server
-REPO = Path(__file__).resolve().parents[2]
-KEY = "test-key-0123"
-PROMPTS = ["The module defines", "Return the value of", "A class is", "If the argument is"]
-
-
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def client(self, **kw: Any) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0, timeout=120, **kw)
-
-    def metric(self, name: str, **labels: str) -> float:
-        text = httpx.get(f"{self.url}/metrics", timeout=30).text
-        for line in text.splitlines():
-            m = re.match(rf"{name}\{{(.*)\}} (\S+)$", line)
-            if m and all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
-                return float(m.group(2))
-        return 0.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _launch(config: Path, log: Path) -> Server:
-    port = _free_port()
-    env = {**os.environ, "TINY_SERVER_KEY": KEY, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.run", str(config), "--port", str(port)],
-        cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    return Server(f"http://127.0.0.1:{port}", proc, log)
-
-
-def _wait_ready(server: Server, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"server exited:\n{server.log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"server not ready in {timeout} s:\n{server.log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +42,12 @@ def servers(tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory)
         tiny_dirs, engines={"local": {"max_batch_size": 1, "max_queue": 1}}, routing={"allow_degrade": False}
     )
     started = {
-        "main": _launch(write_deploy(tmp / "main.yaml", main), tmp / "main.log"),
-        "strict": _launch(write_deploy(tmp / "strict.yaml", strict), tmp / "strict.log"),
+        "main": launch(write_deploy(tmp / "main.yaml", main), tmp / "main.log"),
+        "strict": launch(write_deploy(tmp / "strict.yaml", strict), tmp / "strict.log"),
     }
     try:
         for server in started.values():
-            _wait_ready(server)
+            wait_ready(server)
         yield started
     finally:
         for server in started.values():
@@ -258,31 +202,6 @@ def test_memory_budget_picks_the_largest_size_that_fits(server: Server, family: 
         model=FAMILY, prompt="a", max_tokens=1, extra_body={"max_memory_gb": budget}
     )
     assert raw.headers["x-boomerang-size"] == "k3" and raw.headers["x-boomerang-route-reason"] == "budget"
-
-
-class Holders:
-    """``count`` long greedy streams of ``size`` in the background; ``release`` disconnects them."""
-
-    def __init__(self, server: Server, size: str, count: int, max_tokens: int = 380) -> None:
-        self.stop = threading.Event()
-        body = {"model": FAMILY, "prompt": PROMPTS[1], "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                "size": size}  # fmt: skip
-
-        def one() -> None:
-            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120,
-                              headers={"Authorization": f"Bearer {KEY}"}) as response:  # fmt: skip
-                for _ in response.iter_lines():
-                    if self.stop.is_set():
-                        return
-
-        self.threads = [threading.Thread(target=one, daemon=True) for _ in range(count)]
-        for t in self.threads:
-            t.start()
-
-    def release(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(60)
 
 
 def test_latency_budget_chooses_a_smaller_size_under_load(server: Server) -> None:

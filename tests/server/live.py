@@ -1,0 +1,97 @@
+"""A real gateway process for tests: launch it on a free port, wait for /health, read its metrics,
+and hold long streams open to load it."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+
+from tests.server.conftest import FAMILY
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = "test-key-0123"
+PROMPTS = ["The module defines", "Return the value of", "A class is", "If the argument is"]
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def client(self, **kw: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0, timeout=120, **kw)
+
+    def metric(self, name: str, **labels: str) -> float:
+        text = httpx.get(f"{self.url}/metrics", timeout=30).text
+        for line in text.splitlines():
+            m = re.match(rf"{name}\{{(.*)\}} (\S+)$", line)
+            if m and all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
+                return float(m.group(2))
+        return 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(config: Path, log: Path) -> Server:
+    port = free_port()
+    env = {**os.environ, "TINY_SERVER_KEY": KEY, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.run", str(config), "--port", str(port)],
+        cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    return Server(f"http://127.0.0.1:{port}", proc, log)
+
+
+def wait_ready(server: Server, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"server exited:\n{server.log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"server not ready in {timeout} s:\n{server.log.read_text()[-3000:]}")
+
+
+class Holders:
+    """``count`` long greedy streams of ``size`` in the background; ``release`` disconnects them."""
+
+    def __init__(self, server: Server, size: str, count: int, max_tokens: int = 380) -> None:
+        self.stop = threading.Event()
+        body = {"model": FAMILY, "prompt": PROMPTS[1], "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "size": size}  # fmt: skip
+
+        def one() -> None:
+            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120,
+                              headers={"Authorization": f"Bearer {KEY}"}) as response:  # fmt: skip
+                for _ in response.iter_lines():
+                    if self.stop.is_set():
+                        return
+
+        self.threads = [threading.Thread(target=one, daemon=True) for _ in range(count)]
+        for t in self.threads:
+            t.start()
+
+    def release(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
