@@ -117,14 +117,17 @@ def curve_markdown(r: CurveResult) -> str:
             ]
             out.append(f"| {k} | " + " | ".join(cells) + " |")
     if r.klpatch is not None:
-        kl = ", ".join(f"{v:.3f}" for v in r.klpatch.kl)
-        out += [
-            "",
-            "### KLPatch",
-            "",
-            f"Blocks patched in the order {', '.join(map(str, r.klpatch.order))}; KL(teacher || size) after each "
-            f"step, nats per token: {kl}. Search time {r.klpatch.seconds / 60:.1f} min.",
-        ]
+        kp = r.klpatch
+        text = f"Blocks patched in the order {', '.join(map(str, kp.order))}."
+        if kp.kl:
+            kl = ", ".join(f"{v:.3f}" for v in kp.kl)
+            text += (
+                f" KL(teacher || size) after each step, nats per token: {kl}. Search: {kp.seconds / 60:.1f} min "
+                f"wall, {kp.cpu_seconds / 60:.1f} min CPU, {kp.work:.0%} of the layer work of a naive search."
+            )
+        else:
+            text += " Order as saved with the family (searched when the family was built), not searched again."
+        out += ["", "### KLPatch", "", text]
     if r.shortgpt:
         ranked = sorted(range(len(r.block_influence)), key=lambda i: (r.block_influence[i], -i))
         out += [

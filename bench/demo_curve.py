@@ -1,0 +1,94 @@
+"""The demo family's curve: held-out perplexity of every size, both baselines, three patch orders.
+
+    .venv/bin/python bench/demo_curve.py                 # 6,144 held-out tokens, writes bench/results/
+    .venv/bin/python bench/demo_curve.py --tokens 2048 --threads 1
+
+Needs the distilled demo student in the cache (``boomerang distill`` builds it); it does not start
+a distillation itself unless ``--build`` is given. Writes ``demo_curve.md`` and ``demo_curve.png``
+and records the perplexities and dominated marks into the cached ``family.json`` so that
+``boomerang sizes`` shows them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from boomerang_core import demo
+from boomerang_core.data import corpus_texts, token_blocks
+from boomerang_core.evaluate import evaluate_family
+from boomerang_core.family import FAMILY_FILE, Family
+from boomerang_core.klpatch import KLPatchResult, klpatch_search
+from boomerang_core.store import LayerStore
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=6144, help="held-out tokens to score (default 6144)")
+    ap.add_argument("--seq-len", type=int, default=256, help="tokens per held-out block (default 256)")
+    ap.add_argument("--batch-size", type=int, default=4, help="blocks per forward (default 4)")
+    ap.add_argument("--orders", default="last,first,klpatch", help="patch orders to compare")
+    ap.add_argument("--search", action="store_true", help="search the KLPatch order again even if saved")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--build", action="store_true", help="build the demo family first if it is missing")
+    ap.add_argument("--out", default=str(RESULTS), help="folder for demo_curve.md and demo_curve.png")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    student_dir = demo.demo_dir() / "student"
+    if not (student_dir / FAMILY_FILE).is_file() and not a.build:
+        print(f"the demo family is not built yet ({FAMILY_FILE} missing); run `boomerang distill` or pass --build")
+        return 1
+    t0 = time.perf_counter()
+    student_dir = demo.ensure_demo(progress=True)
+    store = LayerStore.load(student_dir.parent / "teacher", student_dir)
+    family = Family.load(student_dir, store)
+    assert store.tokenizer is not None
+    _, heldout, calib = corpus_texts(None)
+    heldout_ids = token_blocks(store.tokenizer, heldout, a.seq_len, max_blocks=max(1, a.tokens // a.seq_len))
+    calib_ids = token_blocks(store.tokenizer, calib, a.seq_len, max_blocks=demo.CALIB_BLOCKS)
+    print(f"loaded in {time.perf_counter() - t0:.0f} s; held-out {tuple(heldout_ids.shape)}", flush=True)
+
+    orders = tuple(o.strip() for o in a.orders.split(",") if o.strip())
+    klpatch = None
+    saved = family.info.get("patch_order")
+    if "klpatch" in orders:
+        if family.order == "klpatch" and saved and not a.search:
+            klpatch = KLPatchResult(order=list(saved), kl=[], seconds=math.nan)
+        else:
+            klpatch = klpatch_search(store, calib_ids, progress=True)
+            print(f"klpatch: {klpatch.order} in {klpatch.seconds / 60:.1f} min", flush=True)
+    result = evaluate_family(family, heldout_ids, calib_ids, orders=orders, klpatch_result=klpatch)
+    family.save(student_dir)
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    header = [
+        "# Demo family curve",
+        "",
+        f"Teacher {family.info.get('teacher', 'the demo teacher')}, student distilled by `boomerang distill` "
+        f"(recipe in the family's `family.json`). Produced by `bench/demo_curve.py --tokens {a.tokens}` on "
+        f"{os.cpu_count()} CPU cores ({platform.machine()}, {torch.get_num_threads()} torch threads, load "
+        f"average {load:.1f} at the end: the machine was shared), in {(time.perf_counter() - t0) / 60:.1f} min.",
+        "",
+    ]
+    (out / "demo_curve.md").write_text("\n".join(header) + result.to_markdown())
+    result.plot(out / "demo_curve.png")
+    print(family.table())
+    print(f"wrote {out / 'demo_curve.md'} and {out / 'demo_curve.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
