@@ -93,6 +93,8 @@ class LocalEngine(Engine):
     ``max_queue`` bounds those waiting to start, past which :meth:`generate` raises :class:`QueueFull`;
     ``prefill_tokens`` bounds the prompt tokens one step computes (longer prompts are chunked), so a
     long prompt delays the running requests' next token by one bounded step, not by its whole prefill.
+    ``layer_sharing`` says when a layer held by several sizes runs once per step for all of them:
+    ``any_depth`` (default), ``same_depth``, or ``off`` (each size separately; for measurement).
     """
 
     def __init__(
@@ -103,9 +105,12 @@ class LocalEngine(Engine):
         max_batch_size: int = 16,
         max_queue: int = 256,
         prefill_tokens: int = 512,
+        layer_sharing: str = "any_depth",
     ) -> None:
         if max_batch_size < 1 or max_queue < 0 or prefill_tokens < 1:
             raise ValueError("max_batch_size and prefill_tokens must be >= 1 and max_queue >= 0")
+        if layer_sharing not in ("any_depth", "same_depth", "off"):
+            raise ValueError(f"layer_sharing must be any_depth, same_depth or off, not {layer_sharing!r}")
         store = family.store
         if store.tokenizer is None:
             raise EngineError(f"family '{family.name}' has no tokenizer")
@@ -131,7 +136,8 @@ class LocalEngine(Engine):
             )
             self._sizes.append(_Size(fs.name, parts, fs.params, SizeCache(len(parts.layers))))
         self._by_name = {s.name: i for i, s in enumerate(self._sizes)}
-        self._order = layer_order([s.parts.layers for s in self._sizes])
+        self._share = layer_sharing != "off"
+        self._order = layer_order([s.parts.layers for s in self._sizes]) if layer_sharing == "any_depth" else None
         for source, config in store.configs.items():
             impl = getattr(config, "_attn_implementation", "sdpa")
             if impl != "sdpa":
@@ -168,7 +174,7 @@ class LocalEngine(Engine):
     @property
     def shares_layers_across_sizes(self) -> bool:
         """True when each store layer runs once per step for every size holding it, at any depth."""
-        return self._order is not None
+        return self._share and self._order is not None
 
     async def start(self) -> None:
         if self._thread is not None:
@@ -357,7 +363,7 @@ class LocalEngine(Engine):
             return
         t0 = time.perf_counter()
         try:
-            logits = forward_step(parts, works, self._order)
+            logits = forward_step(parts, works, self._order, self._share)
             self._process(works, plan, logits)
         except Exception as exc:
             log.exception("a local engine step failed")

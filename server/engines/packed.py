@@ -255,12 +255,13 @@ def layer_order(plans: Sequence[Sequence[nn.Module]]) -> list[nn.Module] | None:
 
 
 def forward_step(
-    parts: Sequence[SizeParts], works: Sequence[SizeWork], order: Sequence[nn.Module] | None
+    parts: Sequence[SizeParts], works: Sequence[SizeWork], order: Sequence[nn.Module] | None, share: bool = True
 ) -> list[Tensor]:
     """Run one packed step; returns, per work, float32 logits (len(logit_index), vocab).
 
     ``order`` is :func:`layer_order` over the sizes in ``parts`` (None: layers run depth by depth,
-    shared only where two sizes hold the same layer at the same depth).
+    shared only where two sizes hold the same layer at the same depth); ``share=False`` runs every
+    size's layers separately (the baseline that sharing is measured against).
     """
     device = next(parts[0].embed.parameters()).device
     hidden: list[Tensor] = [torch.empty(0)] * len(works)
@@ -277,7 +278,7 @@ def forward_step(
             n = works[i].num_tokens
             rope[i] = (cos[:, offset : offset + n], sin[:, offset : offset + n])
             offset += n
-    for step in _layer_steps(parts, works, order):
+    for step in _layer_steps(parts, works, order, share):
         module, members = step
         h = torch.cat([hidden[i] for i, _ in members]) if len(members) > 1 else hidden[members[0][0]]
         cos = torch.cat([rope[i][0] for i, _ in members], dim=1) if len(members) > 1 else rope[members[0][0]][0]
@@ -318,10 +319,12 @@ def _scatter(hidden: list[Tensor], group: Sequence[int], works: Sequence[SizeWor
 
 
 def _layer_steps(
-    parts: Sequence[SizeParts], works: Sequence[SizeWork], order: Sequence[nn.Module] | None
+    parts: Sequence[SizeParts], works: Sequence[SizeWork], order: Sequence[nn.Module] | None, share: bool
 ) -> list[tuple[nn.Module, list[tuple[int, int]]]]:
     """(layer, [(work index, depth)]) in execution order: each layer once, over every size that holds it."""
     active = [i for i, w in enumerate(works) if w.num_tokens]
+    if not share:
+        return [(layer, [(i, d)]) for i in active for d, layer in enumerate(parts[i].layers)]
     if order is not None:
         depth_of = [{id(m): d for d, m in enumerate(parts[i].layers)} for i in range(len(parts))]
         steps = []

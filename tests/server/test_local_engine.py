@@ -61,18 +61,30 @@ def tokens(events: list[TokenEvent]) -> list[int]:
     return [t for ev in events for t in ev.token_ids]
 
 
+_REFERENCE: dict[tuple[int, str, tuple[int, ...]], list[int]] = {}
+REFERENCE_TOKENS = 12
+
+
 def reference_greedy(family: Family, size: str, prompt: tuple[int, ...], n: int) -> list[int]:
-    model = build(family.by_name(size).plan, family.store)
-    out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=n)
-    return out[0, len(prompt) :].tolist()
+    """``generate(do_sample=False)`` on the size's own ``build(plan)`` model, EOS suppressed; a greedy
+    run of 12 tokens is computed once and its prefixes reused."""
+    key = (id(family.store), size, prompt)
+    if key not in _REFERENCE or len(_REFERENCE[key]) < n:
+        model = build(family.by_name(size).plan, family.store)
+        m = max(n, REFERENCE_TOKENS)
+        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=m, min_new_tokens=m)
+        _REFERENCE[key] = out[0, len(prompt) :].tolist()
+    return _REFERENCE[key][:n]
 
 
 def request(rid: str, size: str, prompt: tuple[int, ...], **sampling: Any) -> GenerationRequest:
     return GenerationRequest(rid, size, prompt, SamplingParams(**sampling))
 
 
-@pytest.mark.parametrize("prefill_tokens", [512, 5])
-def test_greedy_equals_generate_for_every_size_batched_together(family: Family, prefill_tokens: int) -> None:
+@pytest.mark.parametrize(("prefill_tokens", "sharing"), [(512, "any_depth"), (5, "same_depth"), (512, "off")])
+def test_greedy_equals_generate_for_every_size_batched_together(
+    family: Family, prefill_tokens: int, sharing: str
+) -> None:
     jobs = [(s.name, ids_of(family, PROMPTS[i % len(PROMPTS)])) for i, s in enumerate(family.sizes)]
     jobs += [(s.name, ids_of(family, PROMPTS[(i + 2) % len(PROMPTS)])) for i, s in enumerate(family.sizes)]
 
@@ -83,7 +95,7 @@ def test_greedy_equals_generate_for_every_size_batched_together(family: Family, 
         ]
         return await asyncio.gather(*(collect(s) for s in streams))
 
-    results = with_engine(family, body, prefill_tokens=prefill_tokens)
+    results = with_engine(family, body, prefill_tokens=prefill_tokens, layer_sharing=sharing)
     for (size, prompt), events in zip(jobs, results, strict=True):
         assert tokens(events) == reference_greedy(family, size, prompt, 10), size
         assert events[-1].finish_reason == "length"
@@ -191,9 +203,9 @@ def test_penalties_follow_openai_semantics(family: Family) -> None:
     size = family.sizes[2].name
     prompt = ids_of(family, PROMPTS[1])
     model = build(family.by_name(size).plan, family.store)
-    for presence, frequency in [(0.0, 2.0), (3.0, 0.0), (0.5, 1.0)]:
+    for presence, frequency in [(0.0, 2.0), (3.0, 0.5)]:
         seq, counts = list(prompt), torch.zeros(family.store.configs["teacher"].vocab_size)
-        for _ in range(12):
+        for _ in range(10):
             with torch.no_grad():
                 logits = model(torch.tensor([seq])).logits[0, -1].float()
             logits -= frequency * counts + presence * (counts > 0).float()
@@ -209,7 +221,7 @@ def test_penalties_follow_openai_semantics(family: Family) -> None:
                         "p",
                         size,
                         prompt,
-                        max_tokens=12,
+                        max_tokens=10,
                         temperature=0,
                         ignore_eos=True,
                         presence_penalty=p,
@@ -219,7 +231,7 @@ def test_penalties_follow_openai_semantics(family: Family) -> None:
             ),
         )
         assert tokens(got) == expected
-    plain = reference_greedy(family, size, prompt, 12)
+    plain = reference_greedy(family, size, prompt, 10)
     assert expected != plain  # the penalties changed the output
 
 
@@ -348,3 +360,18 @@ def test_stop_strings_hold_back_only_possible_starts() -> None:
     assert stops.push("aEN") == ("a", False)
     assert stops.push("x") == ("ENx", False)
     assert stops.flush() == ""
+
+
+def test_each_store_layer_runs_once_per_step_for_every_size(family: Family) -> None:
+    from server.engines.packed import RowWork, SizeCache, SizeWork, _layer_steps
+
+    engine = LocalEngine(family)
+    assert engine.shares_layers_across_sizes
+    parts = [s.parts for s in engine._sizes]
+    works = [SizeWork(SizeCache(len(p.layers)), [1], [RowWork(0, 0, 1)], [], [0]) for p in parts]
+    steps = _layer_steps(parts, works, engine._order, True)
+    calls = [id(module) for module, _ in steps]
+    assert len(calls) == len(set(calls)) == len({id(layer) for p in parts for layer in p.layers})
+    assert sum(len(members) for _, members in steps) == sum(len(p.layers) for p in parts)
+    for module, members in steps:
+        assert all(parts[i].layers[depth] is module for i, depth in members)
