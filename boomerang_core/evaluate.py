@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -256,6 +256,7 @@ def evaluate_family(
     batch_size: int = 4,
     progress: bool = True,
     klpatch_result: KLPatchResult | None = None,
+    known: Mapping[str, float] | None = None,
 ) -> CurveResult:
     """Perplexity of every size of ``family`` on ``heldout_blocks`` (``(n, seq)`` token ids),
     with both baselines at every size and the curves of the patch ``orders``.
@@ -263,7 +264,9 @@ def evaluate_family(
     Calibration blocks (disjoint from the held-out ones) drive the KLPatch search (unless
     ``klpatch_result`` is given) and ShortGPT's block influence. Each distinct plan is scored
     once, so the student, the teacher and sizes shared by orders cost one pass each. Records the
-    perplexities and the dominated marks into ``family.sizes``.
+    perplexities and the dominated marks into ``family.sizes``. ``known`` maps
+    :func:`plan_signature` to perplexities already measured on the same held-out blocks (e.g. the
+    teacher-only baselines, computed before the student existed); those plans are not run again.
     """
     store = family.store
     spec = store.spec
@@ -288,9 +291,11 @@ def evaluate_family(
 
     every = [*family_plans, *undistilled_plans, *shortgpt_plans.values()]
     every += [p for plans in order_plans.values() for p in plans]
-    unique = list({_plan_key(p): p for p in every}.values())
-    values = perplexities(store, unique, heldout_blocks, batch_size=batch_size, progress=progress)
-    scores = {_plan_key(p): v for p, v in zip(unique, values, strict=True)}
+    known = known or {}
+    scores = {_plan_key(p): known[plan_signature(p)] for p in every if plan_signature(p) in known}
+    todo = list({_plan_key(p): p for p in every if _plan_key(p) not in scores}.values())
+    values = perplexities(store, todo, heldout_blocks, batch_size=batch_size, progress=progress)
+    scores.update({_plan_key(p): v for p, v in zip(todo, values, strict=True)})
 
     def point(plan: SizePlan, name: str) -> CurvePoint:
         return CurvePoint(name, plan.k, plan.num_layers, store.plan_params(plan), scores[_plan_key(plan)])
@@ -320,6 +325,11 @@ def evaluate_family(
         "klpatch_order": klpatch_result.order if klpatch_result is not None else None,
     }
     return result
+
+
+def plan_signature(plan: SizePlan) -> str:
+    """A plan's outputs as a string key: embeddings | layers | norm | head (``t|t0 t1 s2|s|s``)."""
+    return f"{plan.embed[0]}|{plan.describe()}|{plan.norm[0]}|{plan.head[0]}"
 
 
 def _plan_key(plan: SizePlan) -> tuple[object, ...]:

@@ -20,6 +20,7 @@ from boomerang_core.evaluate import (
     mark_dominated,
     perplexities,
     perplexity,
+    plan_signature,
 )
 from boomerang_core.family import Family, FamilySize
 from boomerang_core.plan import LayerRef, plan_for_patched, teacher_plan
@@ -195,3 +196,12 @@ def test_shared_prefix_perplexities_match_one_plan_at_a_time() -> None:
     shared = perplexities(store, plans, held, batch_size=2)
     alone = [perplexity(build(p, store), held, batch_size=2) for p in plans]
     assert shared == pytest.approx(alone, rel=1e-5)
+
+
+def test_known_perplexities_are_not_run_again() -> None:
+    store = _store(layers=6)
+    family = Family.from_store("tiny", store, order="last")
+    teacher = plan_signature(teacher_plan(6))
+    result = evaluate_family(family, _ids(2, 16, 5), _ids(1, 16, 6), orders=("last",), known={teacher: 123.0})
+    assert result.sizes[-1].perplexity == 123.0 and result.shortgpt[6].perplexity == 123.0
+    assert family.sizes[-1].perplexity == 123.0
