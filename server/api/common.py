@@ -60,6 +60,7 @@ class GenerationFields(BaseModel):
     size: str | float | None = Field(default=None, description="auto, a tier, a size name, a label or a fraction")
     max_latency_ms: Annotated[float, Field(gt=0)] | None = None
     max_memory_gb: Annotated[float, Field(gt=0)] | None = None
+    ignore_eos: bool = Field(default=False, description="keep generating past EOS (vLLM's extra field; benchmarks)")
 
     def reject_unsupported(self) -> None:
         for name, value in (self.model_extra or {}).items():
@@ -90,6 +91,7 @@ class GenerationFields(BaseModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            ignore_eos=self.ignore_eos,
         )
 
 

@@ -94,11 +94,12 @@ def test_sampling_fields_reach_the_engine(api: Harness) -> None:
         presence_penalty=0.5,
         frequency_penalty=-0.5,
         user="u",
-        extra_body={"top_k": 5, "size": "k4"},
+        extra_body={"top_k": 5, "size": "k4", "ignore_eos": True},
     )
     sp = api.engine.requests[-1].sampling
     assert (sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, sp.seed) == (3, 0.7, 0.9, 5, 11)
     assert (sp.stop, sp.presence_penalty, sp.frequency_penalty) == (("x", "yz"), 0.5, -0.5)
+    assert sp.ignore_eos
 
 
 def test_chat_stream_with_usage_and_n2(api: Harness) -> None:
