@@ -213,6 +213,8 @@ class VllmReplica(Engine):
         if self._engine is None:
             raise EngineError(f"the replica of size {self.size.name} is not running")
         rid = stream.request.request_id
+        if rid in self._streams:
+            raise EngineError(f"request id {rid!r} is already in flight on this replica")
         try:
             self._engine.add_request(rid, {"prompt_token_ids": list(stream.request.prompt_ids)},
                                      vllm_sampling(stream.request.sampling))  # fmt: skip
