@@ -54,20 +54,27 @@ def main() -> int:
     ap.add_argument("--out", default=str(RESULTS), help="folder for demo_curve.md and demo_curve.png")
     ap.add_argument("--teacher-baselines", metavar="JSON", help="only score the teacher-only baselines into JSON")
     ap.add_argument("--known", metavar="JSON", help="perplexities from --teacher-baselines to reuse")
+    ap.add_argument("--save-known", metavar="JSON", help="write every perplexity measured, for --known")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.teacher_baselines:
         return teacher_baselines(a, Path(a.teacher_baselines))
 
-    student_dir = demo.demo_dir() / "student"
-    if not (student_dir / FAMILY_FILE).is_file() and not a.build:
-        print(f"the demo family is not built yet ({FAMILY_FILE} missing); run `boomerang distill` or pass --build")
-        return 1
     t0 = time.perf_counter()
-    student_dir = demo.ensure_demo(progress=True)
+    student_dir = demo.demo_dir() / "student"
+    has_family = (student_dir / FAMILY_FILE).is_file()
+    if not has_family and a.build:
+        student_dir, has_family = demo.ensure_demo(progress=True), True
+    if not (student_dir / "model.safetensors").is_file():
+        print("the demo student is not distilled yet; run `boomerang distill` or pass --build")
+        return 1
     store = LayerStore.load(student_dir.parent / "teacher", student_dir)
-    family = Family.load(student_dir, store)
+    if has_family:
+        family = Family.load(student_dir, store)
+    else:  # distilled, patch order not chosen yet: score the fixed orders, leave the cache alone
+        print(f"no {FAMILY_FILE} yet: the family's sizes are the `last` order", flush=True)
+        family = Family.from_store(demo.DEMO_NAME, store, order="last")
     heldout_ids, calib_ids = _blocks(store.tokenizer, a)
     print(f"loaded in {time.perf_counter() - t0:.0f} s; held-out {tuple(heldout_ids.shape)}", flush=True)
 
@@ -88,7 +95,10 @@ def main() -> int:
             return 1
         known = data["perplexity"]
     result = evaluate_family(family, heldout_ids, calib_ids, orders=orders, klpatch_result=klpatch, known=known)
-    family.save(student_dir)
+    if has_family:
+        family.save(student_dir)
+    if a.save_known:
+        _save_known(Path(a.save_known), heldout_ids, result.scores)
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,10 +144,13 @@ def teacher_baselines(a: argparse.Namespace, path: Path) -> int:
         plans += [undistilled_plan(p, spec) for p in enumerate_plans(spec, patch_order(spec, order))]
     unique = list({plan_signature(p): p for p in plans}.values())
     values = perplexities(store, unique, heldout_ids, batch_size=a.batch_size, progress=True)
-    scores = {plan_signature(p): v for p, v in zip(unique, values, strict=True)}
-    path.write_text(json.dumps({"heldout_sha1": _sha1(heldout_ids), "perplexity": scores}, indent=1))
-    print(f"wrote {len(scores)} teacher-only perplexities to {path}")
+    _save_known(path, heldout_ids, {plan_signature(p): v for p, v in zip(unique, values, strict=True)})
     return 0
+
+
+def _save_known(path: Path, heldout_ids: torch.Tensor, scores: dict[str, float]) -> None:
+    path.write_text(json.dumps({"heldout_sha1": _sha1(heldout_ids), "perplexity": scores}, indent=1))
+    print(f"wrote {len(scores)} perplexities to {path}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import itertools
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -157,6 +157,7 @@ class CurveResult:
     heldout_tokens: int
     calib_tokens: int
     seconds: float
+    scores: dict[str, float] = field(default_factory=dict)  # plan_signature -> perplexity, every plan run
 
     # --- verdicts -----------------------------------------------------------------------------
 
@@ -317,6 +318,7 @@ def evaluate_family(
         heldout_tokens=heldout_blocks.numel(),
         calib_tokens=calib_blocks.numel(),
         seconds=time.perf_counter() - start,
+        scores={plan_signature(p): scores[_plan_key(p)] for p in every},
     )
     family.info["evaluation"] = {
         "heldout_tokens": result.heldout_tokens,
