@@ -52,6 +52,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "demo_front")
     ap.add_argument("--skip-klpatch", action="store_true", help="no KL order unless the student's family.json has one")
     ap.add_argument(
+        "--late-klpatch",
+        action="store_true",
+        help="with --skip-klpatch: look for the family.json KL order again after the search and score it then "
+        "(on held-out text only; it is then not a seed of the search)",
+    )
+    ap.add_argument(
         "--baselines-only",
         action="store_true",
         help="only score the teacher-only baselines (ShortGPT, undistilled) into the cache and stop; they do "
@@ -95,6 +101,12 @@ def main() -> None:
 
     clock = time.perf_counter()
     ppl = cache.perplexities(store, [*result.plans, *shortgpt.values(), *seeds, *undistilled])
+    if kl_order is None and a.late_klpatch:
+        kl_order, kl_source = saved_kl_order(student_dir)
+        if kl_order is not None:
+            kl_source += ", read after the search (not a seed)"
+            orders["klpatch"] = enumerate_plans(spec, kl_order, origin="klpatch")
+            ppl.update(cache.perplexities(store, orders["klpatch"]))
     heldout_s = time.perf_counter() - clock
 
     tokens = {"calib": int(calib_ids.numel()), "heldout": int(heldout_ids.numel())}
@@ -275,10 +287,17 @@ def report(
         f"`{shown(saved)}` "
         "(plans, held-out perplexity, calibration KL, dominated marks).",
         "",
-        f"Command: `.venv/bin/python bench/demo_front.py --calib-blocks {a.calib_blocks} "
-        f"--heldout-blocks {a.heldout_blocks} --k-best {a.k_best} --threads {a.threads}`",
+        f"Command: `.venv/bin/python bench/demo_front.py {command_flags(a)}`",
     ]
     return "\n".join(lines) + "\n"
+
+
+def command_flags(a: argparse.Namespace) -> str:
+    """The run's flags, without this machine's paths."""
+    flags = f"--calib-blocks {a.calib_blocks} --heldout-blocks {a.heldout_blocks} --seq-len {a.seq_len} "
+    flags += f"--k-best {a.k_best} --threads {a.threads}"
+    flags += " --skip-klpatch" * a.skip_klpatch + " --late-klpatch" * a.late_klpatch
+    return flags + " --student DIR" * (a.student is not None)
 
 
 def verdicts(rows: list[Row]) -> list[str]:
