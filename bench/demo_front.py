@@ -31,7 +31,7 @@ from boomerang_core.data import corpus_texts, token_blocks
 from boomerang_core.demo import DEMO_NAME, demo_dir
 from boomerang_core.family import FAMILY_FILE, Family
 from boomerang_core.klpatch import klpatch_order
-from boomerang_core.plan import SizePlan, enumerate_plans, patch_order
+from boomerang_core.plan import SizePlan, enumerate_plans, patch_order, plan_for_patched
 from boomerang_core.plan_eval import plan_key, score_plans, teacher_pass
 from boomerang_core.search import SearchResult, edge_costs, family_from_search, search, shortgpt_plan
 from boomerang_core.store import LayerStore, unique_storage_bytes
@@ -93,6 +93,9 @@ def main() -> None:
     if kl_order is not None:
         orders["klpatch"] = enumerate_plans(spec, kl_order, origin="klpatch")
     seeds = [p for plans in orders.values() for p in plans]
+    # The student with any one block patched: the first step of every patch order, where the DP's
+    # proposals (teacher layers with many dropped) are weakest.
+    seeds += [plan_for_patched(spec, [b], origin="one-block") for b in range(spec.num_student_layers)]
 
     clock = time.perf_counter()
     result = search(store, calib_ids, k_best=a.k_best, seeds=seeds, progress=True)
@@ -344,7 +347,7 @@ def search_notes(result: SearchResult, timing: dict[str, float], a: argparse.Nam
         f"- Which proposal won, per layer count: {dict(sorted(won_rank.items()))}.",
         "- Mean calibration KL (nats/position) over the layer counts if only the DP's top-k were scored: "
         + ", ".join(f"k={k}: {v / n_counts:.4f}" for k, v in sorted(top.items()))
-        + f"; with ShortGPT and the fixed orders as seeds too: {seeded:.4f}.",
+        + f"; with ShortGPT, the fixed orders and every one-block patching as seeds too: {seeded:.4f}.",
         "- Why this design: edge costs make the DP a cheap proposer (47 layer passes, milliseconds of DP), but "
         "errors compound along a path, so only the true KL decides; scoring shares every layer prefix, and the "
         "LM head pass per plan is the main cost here, which bounds how many proposals per count are affordable.",
