@@ -79,8 +79,9 @@ class Fanout:
         self.metrics = metrics
         now = time.perf_counter()
         self.choices = [Choice(i, r, now) for i, r in enumerate(requests)]
-        self._queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-        self._buffer: list[tuple[int, Any]] = []
+        # (choice index, event | _END | exception, arrival time)
+        self._queue: asyncio.Queue[tuple[int, Any, float]] = asyncio.Queue()
+        self._buffer: list[tuple[int, Any, float]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
@@ -89,10 +90,10 @@ class Fanout:
         try:  # an engine may refuse at the call (queue full) or at the first event
             iterator = self.engine.generate(self.choices[index].request)
             async for event in iterator:
-                self._queue.put_nowait((index, event))
-            self._queue.put_nowait((index, _END))
+                self._queue.put_nowait((index, event, time.perf_counter()))
+            self._queue.put_nowait((index, _END, time.perf_counter()))
         except Exception as exc:
-            self._queue.put_nowait((index, exc))
+            self._queue.put_nowait((index, exc, time.perf_counter()))
         finally:
             aclose = getattr(iterator, "aclose", None) if iterator is not None else None
             if aclose is not None:
@@ -105,11 +106,11 @@ class Fanout:
         seen: set[int] = set()
         try:
             while len(seen) < len(self.choices):
-                index, item = await self._queue.get()
+                index, item, at = await self._queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 seen.add(index)
-                self._buffer.append((index, item))
+                self._buffer.append((index, item, at))
         except BaseException:
             await self.close()
             raise
@@ -118,7 +119,7 @@ class Fanout:
         """Events of all choices as they come; each choice's events are in order."""
         pending = sum(not c.done for c in self.choices)
         while pending:
-            index, item = self._buffer.pop(0) if self._buffer else await self._queue.get()
+            index, item, at = self._buffer.pop(0) if self._buffer else await self._queue.get()
             choice = self.choices[index]
             if isinstance(item, BaseException):
                 raise item
@@ -127,7 +128,7 @@ class Fanout:
                 pending -= 1
                 self._record(choice)
                 continue
-            choice.add(item, time.perf_counter())
+            choice.add(item, at)
             yield choice, item
 
     async def collect(self) -> list[Choice]:

@@ -250,7 +250,7 @@ def test_latency_budget_chooses_a_smaller_size_under_load(server: Server) -> Non
 
 def test_client_disconnect_frees_its_slot(server: Server) -> None:
     before = server.metric("boomerang_generation_tokens_total", size="k4")
-    body = {"model": FAMILY, "prompt": PROMPTS[0], "max_tokens": 380, "stream": True, "size": "k4"}
+    body = {"model": FAMILY, "prompt": PROMPTS[0], "max_tokens": 380, "stream": True, "size": "k4", "ignore_eos": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60,
                       headers={"Authorization": f"Bearer {KEY}"}) as response:  # fmt: skip
         lines = response.iter_lines()
@@ -267,7 +267,7 @@ def test_client_disconnect_frees_its_slot(server: Server) -> None:
 
     body["stream"] = False  # a whole-reply request whose client gives up is aborted too
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/completions", json=body, timeout=3, headers={"Authorization": f"Bearer {KEY}"})
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.3, headers={"Authorization": f"Bearer {KEY}"})
     deadline = time.monotonic() + 10
     while server.metric("boomerang_running_requests", size="k4") > 0 and time.monotonic() < deadline:
         time.sleep(0.02)
