@@ -72,6 +72,7 @@ def main() -> int:
     store = LayerStore.load(student_dir.parent / "teacher", student_dir)
     if has_family:
         family = Family.load(student_dir, store)
+        loaded_mtime = (student_dir / FAMILY_FILE).stat().st_mtime
     else:  # distilled, patch order not chosen yet: score the fixed orders, leave the cache alone
         print(f"no {FAMILY_FILE} yet: the family's sizes are the `last` order", flush=True)
         family = Family.from_store(demo.DEMO_NAME, store, order="last")
@@ -95,8 +96,10 @@ def main() -> int:
             return 1
         known = data["perplexity"]
     result = evaluate_family(family, heldout_ids, calib_ids, orders=orders, klpatch_result=klpatch, known=known)
-    if has_family:
+    if has_family and (student_dir / FAMILY_FILE).stat().st_mtime == loaded_mtime:
         family.save(student_dir)
+    elif has_family:
+        print(f"{FAMILY_FILE} changed while evaluating (a new patch order?): not overwritten")
     if a.save_known:
         _save_known(Path(a.save_known), heldout_ids, result.scores)
 
