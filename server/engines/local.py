@@ -34,6 +34,7 @@ from server.engines.base import (
     TokenLogprob,
 )
 from server.engines.detokenize import IncrementalDetokenizer, StopStrings
+from server.engines.local_request import ActiveRequest
 from server.engines.local_stats import LoadEstimates
 from server.engines.packed import (
     RowWork,
@@ -44,37 +45,10 @@ from server.engines.packed import (
     install_attention,
     layer_order,
 )
-from server.engines.sampling import RequestSampler, sample, token_logprob
+from server.engines.sampling import RequestSampler, sample
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class _Active:
-    """One request inside the engine. ``computed`` tokens of prompt + output have K/V in the cache."""
-
-    request: GenerationRequest
-    size: int
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue[TokenEvent | BaseException]
-    sampler: RequestSampler
-    detok: IncrementalDetokenizer
-    stops: StopStrings
-    stop_ids: frozenset[int]
-    arrived: float
-    output: list[int] = field(default_factory=list)
-    computed: int = 0
-    row: int = -1
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    done: bool = False
-
-    @property
-    def prompt(self) -> tuple[int, ...]:
-        return self.request.prompt_ids
-
-    @property
-    def prefilling(self) -> bool:
-        return self.computed < len(self.prompt)
+Owners = list[tuple[ActiveRequest, int, int]]  # per size in a step: (request, its first logit row, logit rows)
 
 
 @dataclass(eq=False)
@@ -83,7 +57,7 @@ class _Size:
     parts: SizeParts
     params: int
     cache: SizeCache
-    rows: list[_Active] = field(default_factory=list)
+    rows: list[ActiveRequest] = field(default_factory=list)
 
 
 class LocalEngine(Engine):
@@ -155,14 +129,14 @@ class LocalEngine(Engine):
         self._token_text: dict[int, str] = {}
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._waiting: deque[_Active] = deque()
+        self._waiting: deque[ActiveRequest] = deque()
         self._num_waiting = 0
         self._waiting_by_size = [0] * len(self._sizes)
-        self._by_id: dict[str, _Active] = {}
+        self._by_id: dict[str, ActiveRequest] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._dead: BaseException | None = None
-        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Active, TokenEvent | BaseException]]] = {}
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[ActiveRequest, TokenEvent | BaseException]]] = {}
         self.stats = LoadEstimates([s.params for s in self._sizes])
 
     # --- Engine API (event loop side) ---------------------------------------------------------
@@ -219,7 +193,7 @@ class LocalEngine(Engine):
             self._waiting_by_size[i] += 1
         p = request.sampling
         stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_ids))
-        active = _Active(
+        active = ActiveRequest(
             request=request,
             size=i,
             loop=asyncio.get_running_loop(),
@@ -237,7 +211,7 @@ class LocalEngine(Engine):
     async def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
-    async def _stream(self, active: _Active) -> AsyncIterator[TokenEvent]:
+    async def _stream(self, active: ActiveRequest) -> AsyncIterator[TokenEvent]:
         finished = False
         try:
             while True:
@@ -322,7 +296,7 @@ class LocalEngine(Engine):
             size.rows.append(active)
             running += 1
 
-    def _unwait(self, active: _Active) -> None:
+    def _unwait(self, active: ActiveRequest) -> None:
         with self._lock:
             self._num_waiting -= 1
             self._waiting_by_size[active.size] -= 1
@@ -330,13 +304,13 @@ class LocalEngine(Engine):
     def _step(self) -> None:
         works: list[SizeWork] = []
         parts: list[SizeParts] = []
-        plan: list[list[tuple[_Active, int, int]]] = []  # per work: (request, first logit, logits)
+        plan: list[Owners] = []  # per work: (request, first logit, logits)
         budget = self.prefill_tokens
         for size in self._sizes:
             if not size.rows:
                 continue
             work = SizeWork(size.cache, [], [], [], [])
-            owners: list[tuple[_Active, int, int]] = []
+            owners: Owners = []
             for a in size.rows:
                 if not a.prefilling:
                     work.decode.append(RowWork(a.row, a.computed, 1))
@@ -380,7 +354,7 @@ class LocalEngine(Engine):
             if not size.rows:
                 size.cache.release()
 
-    def _process(self, works: list[SizeWork], plan: list[list[tuple[_Active, int, int]]], logits: list[Any]) -> None:
+    def _process(self, works: list[SizeWork], plan: list[Owners], logits: list[Any]) -> None:
         rows, samplers, owners_to_sample = [], [], []
         for work, owners, out in zip(works, plan, logits, strict=True):
             extend = iter(work.extend)
@@ -392,7 +366,7 @@ class LocalEngine(Engine):
                     start = active.computed
                     active.computed += n
                     if active.prompt_logprobs is not None:
-                        self._prompt_logprobs(active, out[first : first + count], start, n)
+                        active.add_prompt_logprobs(out[first : first + count], start, n, self._text_of)
                     if active.prefilling:
                         continue
                     if active.request.sampling.max_tokens <= 0:
@@ -407,53 +381,13 @@ class LocalEngine(Engine):
         for active, choice in zip(owners_to_sample, choices, strict=True):
             self._emit(active, choice.token_id, choice.logprob)
 
-    def _prompt_logprobs(self, active: _Active, out: Any, start: int, n: int) -> None:
-        """Logprobs of prompt tokens start+1 .. start+n (those this chunk's logits predict)."""
-        assert active.prompt_logprobs is not None
-        top = active.request.sampling.prompt_logprobs or 0
-        log_probs = torch.log_softmax(out.float(), dim=-1).cpu()
-        for j in range(n):
-            target = start + j + 1
-            if target < len(active.prompt):
-                lp = token_logprob(log_probs[j], active.prompt[target], top, self._text_of)
-                active.prompt_logprobs.append(lp)
-
-    def _emit(self, active: _Active, token: int | None, logprob: TokenLogprob | None) -> None:
-        """Turn one sampled token into an event (and the final event when the request ends)."""
-        p = active.request.sampling
-        finish: str | None = None
-        text = ""
-        if token is not None:
-            active.output.append(token)
-        if token is not None and token in active.stop_ids:
-            text, hit = active.stops.push(active.detok.flush())
-            finish = "stop"
-            text += "" if hit else active.stops.flush()
-        else:
-            if token is not None:
-                text, hit = active.stops.push(active.detok.push(token))
-                finish = "stop" if hit else None
-            total = len(active.prompt) + len(active.output)
-            if finish is None and (len(active.output) >= p.max_tokens or total >= self.max_context):
-                tail, hit = active.stops.push(active.detok.flush())
-                text += tail
-                finish = "stop" if hit else "length"
-                text += "" if hit else active.stops.flush()
-        first = len(active.output) <= 1
-        event = TokenEvent(
-            token_ids=(token,) if token is not None else (),
-            text=text,
-            logprobs=(logprob,) if logprob is not None else (),
-            finish_reason=finish,
-            prompt_tokens=len(active.prompt) if finish else 0,
-            completion_tokens=len(active.output) if finish else 0,
-            prompt_logprobs=tuple(active.prompt_logprobs) if first and active.prompt_logprobs is not None else None,
-        )
+    def _emit(self, active: ActiveRequest, token: int | None, logprob: TokenLogprob | None) -> None:
+        event = active.event_for(token, logprob, self.max_context)
         self._send(active, event)
-        if finish is not None:
+        if event.finish_reason is not None:
             self._finish(active)
 
-    def _finish(self, active: _Active) -> None:
+    def _finish(self, active: ActiveRequest) -> None:
         """Drop a request: free its row (the last row moves into it) or take it off the waiting list."""
         active.done = True
         if self._by_id.get(active.request.request_id) is active:
@@ -471,12 +405,12 @@ class LocalEngine(Engine):
             size.rows[active.row] = last
         active.row = -1
 
-    def _fail(self, active: _Active, error: BaseException) -> None:
+    def _fail(self, active: ActiveRequest, error: BaseException) -> None:
         if not active.done:
             self._finish(active)
             self._send(active, error)
 
-    def _send(self, active: _Active, item: TokenEvent | BaseException) -> None:
+    def _send(self, active: ActiveRequest, item: TokenEvent | BaseException) -> None:
         self._outbox.setdefault(active.loop, []).append((active, item))
 
     def _flush(self) -> None:
@@ -496,13 +430,13 @@ class LocalEngine(Engine):
             text = self._token_text[token_id] = str(self.tokenizer.decode([token_id]))
         return text
 
-    def _record(self, works: list[SizeWork], plan: list[list[tuple[_Active, int, int]]], seconds: float) -> None:
+    def _record(self, works: list[SizeWork], plan: list[Owners], seconds: float) -> None:
         sizes = [owners[0][0].size for owners in plan if owners]
         prefill = [sum(r.length for r in w.extend) for w in works]
         decode = [len(w.decode) for w in works]
         self.stats.record(sizes, prefill, decode, seconds)
 
 
-def _deliver(items: list[tuple[_Active, TokenEvent | BaseException]]) -> None:
+def _deliver(items: list[tuple[ActiveRequest, TokenEvent | BaseException]]) -> None:
     for active, item in items:
         active.events.put_nowait(item)
