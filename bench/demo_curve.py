@@ -109,8 +109,9 @@ def main() -> int:
     header = [
         "# Demo family curve",
         "",
-        f"Teacher {family.info.get('teacher', 'the demo teacher')}, student distilled by `boomerang distill` "
-        f"(recipe in the family's `family.json`). Produced by `bench/demo_curve.py --tokens {a.tokens}` on "
+        f"Teacher: the demo teacher (`{demo.GGUF_FILE}`). Student: distilled by `boomerang distill`, "
+        f"{family.info.get('steps_trained', '?')} optimizer steps (recipe in the cached `distill_config.json`). "
+        f"Produced by `bench/demo_curve.py --tokens {a.tokens} --orders {a.orders}` on "
         f"{os.cpu_count()} CPU cores ({platform.machine()}, {torch.get_num_threads()} torch threads, load "
         f"average {load:.1f} at the end: the machine was shared), in {(time.perf_counter() - t0) / 60:.1f} min.",
         "",
