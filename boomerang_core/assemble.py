@@ -103,7 +103,27 @@ def build(plan: SizePlan, store: LayerStore) -> PreTrainedModel:
     if store.generation_config is not None:
         model.generation_config = copy.deepcopy(store.generation_config)
     model.boomerang_plan = plan  # type: ignore[assignment]
+    _install_shared_capture_hooks(model)
     return model.eval()
+
+
+def _install_shared_capture_hooks(model: nn.Module) -> None:
+    """transformers installs its ``output_hidden_states`` capture hooks on a model's layers the
+    first time one model asks for them. The layers are shared by every size, so each size would
+    add its own hook to the same module and hidden states would be captured once per size. Install
+    them now and keep one hook per module and capture task."""
+    from transformers.utils.output_capturing import maybe_install_capturing_hooks
+
+    maybe_install_capturing_hooks(model)  # type: ignore[arg-type]
+    for module in model.modules():
+        seen: set[tuple[Any, ...]] = set()
+        for handle_id, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__name__", "") != "output_capturing_hook" or hook.__closure__ is None:
+                continue
+            key = tuple(cell.cell_contents for cell in hook.__closure__)
+            if key in seen:
+                del module._forward_hooks[handle_id]
+            seen.add(key)
 
 
 def plan_state_dict(plan: SizePlan, store: LayerStore) -> dict[str, torch.Tensor]:

@@ -203,3 +203,16 @@ def test_export_loads_in_vllm_with_the_same_greedy_tokens(tmp_path) -> None:
         ids = torch.tensor([prompt])
         expected = build(plan, store).generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
         assert tokens == expected[0, len(prompt) :].tolist(), plan.k
+
+
+def test_hidden_states_of_sizes_sharing_layers() -> None:
+    """Asking several sizes for hidden states must not stack capture hooks on shared layers."""
+    teacher, student, spec = make_pair("llama")
+    store = LayerStore.from_models(teacher, student, spec)
+    plans = enumerate_plans(spec, patch_order(spec, "last"))
+    ids = torch.randint(3, 500, (1, 5))
+    for _ in range(2):
+        for plan in plans:
+            with torch.no_grad():
+                out = build(plan, store)(ids, output_hidden_states=True)
+            assert len(out.hidden_states) == plan.num_layers + 1
