@@ -86,6 +86,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     family = _load_family(args)
     result = evaluate.evaluate_cli(family, out_dir=Path(args.out), max_tokens=args.tokens)
     print(result)
+    # Perplexities and dominated sizes go into family.json beside the student, so that
+    # `boomerang sizes` and the server's /v1/models show them and the router skips dominated sizes.
+    if args.teacher is None:
+        from boomerang_core import demo
+
+        home: Path | None = demo.ensure_demo(progress=False)
+    else:
+        home = Path(args.student) if args.student and Path(args.student).is_dir() else None
+    if home is not None:
+        print(f"saved sizes with perplexities to {family.save(home)}")
     return 0
 
 
