@@ -290,6 +290,7 @@ class LocalEngine(Engine):
         running = sum(len(s.rows) for s in self._sizes)
         while self._waiting and running < self.max_batch_size:
             active = self._waiting.popleft()
+            active.admitted = time.perf_counter()
             self._unwait(active)
             size = self._sizes[active.size]
             active.row = len(size.rows)

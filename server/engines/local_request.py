@@ -28,6 +28,7 @@ class ActiveRequest:
     stops: StopStrings
     stop_ids: frozenset[int]
     arrived: float
+    admitted: float | None = None  # perf_counter when the request left the waiting queue
     output: list[int] = field(default_factory=list)
     computed: int = 0
     row: int = -1
@@ -83,4 +84,5 @@ class ActiveRequest:
             prompt_tokens=len(self.prompt) if finish else 0,
             completion_tokens=len(self.output) if finish else 0,
             prompt_logprobs=tuple(self.prompt_logprobs) if first and self.prompt_logprobs is not None else None,
+            queue_s=(self.admitted - self.arrived) if first and self.admitted is not None else None,
         )

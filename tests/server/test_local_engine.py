@@ -384,3 +384,19 @@ def test_each_store_layer_runs_once_per_step_for_every_size(family: Family) -> N
     assert sum(len(members) for _, members in steps) == sum(len(p.layers) for p in parts)
     for module, members in steps:
         assert all(parts[i].layers[depth] is module for i, depth in members)
+
+
+def test_first_event_carries_the_time_spent_queued(family: Family) -> None:
+    """With one running slot, the second request waits for the first to finish: its queue time is
+    reported on its first event (for the queue-time metric) and on no later event."""
+    prompt = ids_of(family, "def f(x):")
+
+    async def body(engine: LocalEngine) -> tuple[list[TokenEvent], list[TokenEvent]]:
+        first = collect(engine.generate(request("q1", "k0", prompt, max_tokens=6, temperature=0, ignore_eos=True)))
+        second = collect(engine.generate(request("q2", "k0", prompt, max_tokens=2, temperature=0, ignore_eos=True)))
+        return tuple(await asyncio.gather(first, second))  # type: ignore[return-value]
+
+    a, b = with_engine(family, body, max_batch_size=1)
+    assert a[0].queue_s is not None and b[0].queue_s is not None
+    assert b[0].queue_s > a[0].queue_s >= 0
+    assert all(ev.queue_s is None for ev in a[1:] + b[1:])
