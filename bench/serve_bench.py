@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import json
 import os
 import pydoc_data.topics
@@ -35,6 +34,7 @@ import torch
 
 from boomerang_core.alignment import StudentSpec
 from boomerang_core.assemble import build, export
+from boomerang_core.distill import prune_student
 from boomerang_core.family import FAMILY_FILE, Family
 from boomerang_core.loading import load_causal_lm, load_tokenizer
 from boomerang_core.store import LayerStore, unique_storage_bytes
@@ -52,12 +52,7 @@ def load_family() -> tuple[Family, str]:
     teacher = load_causal_lm(teacher_dir)
     n = teacher.config.num_hidden_layers
     spec = StudentSpec.from_pruning(n, first_layers_to_keep=2, every_n=2, last_layers_to_keep=2)
-    student = copy.deepcopy(teacher)
-    student.model.layers = torch.nn.ModuleList(
-        copy.deepcopy(teacher.model.layers[i]) for i in spec.copied_teacher_layers
-    )
-    student.config = copy.deepcopy(teacher.config)
-    student.config.num_hidden_layers = spec.num_student_layers
+    student = prune_student(teacher, spec).requires_grad_(False)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in student.model.layers.parameters():

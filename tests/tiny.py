@@ -4,7 +4,6 @@ template, written as real HF directories (teacher/, student/ with student_config
 
 from __future__ import annotations
 
-import copy
 import functools
 import pydoc_data.topics
 from pathlib import Path
@@ -24,6 +23,7 @@ from transformers import (
 )
 
 from boomerang_core.alignment import StudentSpec
+from boomerang_core.distill import prune_student
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -96,32 +96,16 @@ def tiny_teacher(arch: str = "llama", layers: int = 6, seed: int = 0, tied: bool
 
 
 def prune_copy(teacher: PreTrainedModel, spec: StudentSpec, noise: float = 0.02, seed: int = 1) -> PreTrainedModel:
-    """A student initialised by pruning the teacher, then perturbed to stand in for distillation.
-    Embeddings are left equal to the teacher's (as with frozen embeddings)."""
-    cfg = copy.deepcopy(teacher.config)
-    cfg.num_hidden_layers = spec.num_student_layers
-    if getattr(cfg, "layer_types", None) is not None:
-        cfg.layer_types = [cfg.layer_types[i] for i in spec.copied_teacher_layers]
-    student = AutoModelForCausalLM.from_config(cfg).eval()
-    sd = teacher.state_dict()
-    base = "gpt_neox" if cfg.model_type == "gpt_neox" else "model"
-    mapped = {}
-    for key, value in sd.items():
-        prefix = f"{base}.layers."
-        if key.startswith(prefix):
-            idx, rest = key[len(prefix) :].split(".", 1)
-            if int(idx) in spec.copied_teacher_layers:
-                mapped[f"{prefix}{spec.copied_teacher_layers.index(int(idx))}.{rest}"] = value.clone()
-        else:
-            mapped[key] = value.clone()
-    student.load_state_dict(mapped, strict=False)
+    """A student initialised by pruning the teacher (``distill.prune_student``), then perturbed to
+    stand in for distillation. Embeddings are left equal to the teacher's (as with frozen embeddings)."""
+    student = prune_student(teacher, spec)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in student.named_parameters():
             if ".layers." in name or "norm" in name:
                 p.add_(torch.randn(p.shape, generator=gen) * noise)
     student.requires_grad_(False)
-    return student
+    return student.eval()
 
 
 def write_pair(

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from server.api.common import GenerationFields, Routed, check_tokens, route, usage
-from server.api.fanout import Choice, Fanout, stream_response, until_disconnected
+from server.api.fanout import Choice, Fanout, collect_reply, stream_response
 from server.engines.base import TokenLogprob
 from server.errors import BadRequest
 from server.gateway import Gateway, GatewayDep
@@ -192,14 +192,9 @@ async def serve_completion(body: CompletionRequest, request: Request, gateway: G
             fanout, formatter.chunks(fanout), routed.headers(),
             lambda status: gateway.metrics.finished(size, ENDPOINT, status),
         )  # fmt: skip
-    try:
-        choices = await until_disconnected(request, fanout.collect())
-    finally:
-        await fanout.close()
+    choices = await collect_reply(request, fanout, lambda status: gateway.metrics.finished(size, ENDPOINT, status))
     if choices is None:
-        gateway.metrics.finished(size, ENDPOINT, 499)
         return Response(status_code=499)
-    gateway.metrics.finished(size, ENDPOINT, 200)
     return JSONResponse(formatter.response(choices), headers=routed.headers())
 
 

@@ -218,3 +218,14 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
             with contextlib.suppress(BaseException):
                 await task
     return task.result() if not task.cancelled() else None
+
+
+async def collect_reply(request: Request, fanout: Fanout, on_finish: Callable[[int], None]) -> list[Choice] | None:
+    """The whole-reply path of every endpoint: collect all choices, or ``None`` if the client left
+    first (status 499); the fanout is closed either way and the outcome reported to ``on_finish``."""
+    try:
+        choices = await until_disconnected(request, fanout.collect())
+    finally:
+        await fanout.close()
+    on_finish(200 if choices is not None else 499)
+    return choices
