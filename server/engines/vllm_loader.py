@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from boomerang_core.errors import UnsupportedArchitecture
 from boomerang_core.fused import fuse_store, fused_tensor
 from boomerang_core.plan import SizePlan
 from boomerang_core.store import LayerStore
@@ -47,7 +48,7 @@ _offers_lock = threading.Lock()
 def offer(store: LayerStore, plan: SizePlan) -> str:
     """Make ``plan`` over ``store`` available to the next engine built with the returned token."""
     if store.adapter.name not in _SUPPORTED_ADAPTERS:
-        raise NotImplementedError(
+        raise UnsupportedArchitecture(
             f"vLLM serving from the store supports {_SUPPORTED_ADAPTERS}, not {store.adapter.name}"
         )
     fuse_store(store)
