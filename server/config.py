@@ -110,17 +110,41 @@ class LimitsConfig(_Section):
 
 
 class AuthConfig(_Section):
-    """Bearer-key auth on ``/v1/*``; ``/health`` and ``/metrics`` stay open for probes and scrapers.
-    The environment variable wins over ``api_key``; neither is ever logged."""
+    """Bearer-key auth on ``/v1/*``. ``/health`` and ``/metrics`` follow their own switches (open by
+    default, for probes and scrapers). The environment variable wins over ``api_key``; neither is ever
+    logged or echoed in an error body."""
 
     api_key: SecretStr | None = None
     api_key_env: str = "BOOMERANG_API_KEY"
+    protect_metrics: bool = Field(default=False, description="require the key on /metrics too")
+    protect_health: bool = Field(default=False, description="require the key on /health too")
 
     def resolved_key(self) -> str | None:
         env = os.environ.get(self.api_key_env)
         if env:
             return env
         return self.api_key.get_secret_value() if self.api_key is not None else None
+
+
+class ServerConfig(_Section):
+    """The HTTP front: shutdown, slow or idle connections, CORS."""
+
+    shutdown_grace_s: Annotated[float, Field(ge=0)] = Field(
+        default=30.0,
+        description="on SIGTERM, in-flight requests get this long to finish while new ones get 503; then exit 0",
+    )
+    keep_alive_s: Annotated[float, Field(gt=0)] = Field(
+        default=5.0, description="an idle keep-alive connection is closed after this long"
+    )
+    header_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        default=10.0, description="a connection that has not sent complete request headers by then is closed"
+    )
+    max_connections: Annotated[int, Field(ge=1)] = Field(
+        default=1024, description="open connections above this get 503 at once"
+    )
+    cors_allow_origins: list[str] = Field(
+        default_factory=list, description="origins allowed by CORS ('*' for any); empty: no CORS headers at all"
+    )
 
 
 class DeployConfig(_Section):
@@ -133,6 +157,7 @@ class DeployConfig(_Section):
     limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
     pool: PoolConfig = PoolConfig()
+    server: ServerConfig = ServerConfig()
 
     @model_validator(mode="after")
     def _unique_tiers(self) -> DeployConfig:
