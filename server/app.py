@@ -11,8 +11,11 @@ import contextlib
 import functools
 import hmac
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api import chat, completions, health, models
@@ -52,19 +55,35 @@ def create_app(
     install_error_handlers(app)
     for module in (chat, completions, models, health):
         app.include_router(module.router)
+    app.openapi = functools.partial(openapi_schema, app, keyed=settings.auth.resolved_key() is not None)  # type: ignore[method-assign]
     app.add_middleware(RequestGuard, gateway=gateway, api_key=settings.auth.resolved_key())
+    if settings.server.cors_allow_origins:  # outside the guard: preflights carry no key, and 401s get CORS headers
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.server.cors_allow_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     return app
 
 
 class RequestGuard:
-    """Pure ASGI: checks the API key on ``/v1/*`` and refuses bodies above the limit before anything
-    parses them (the body is read here, counted, and replayed to the app)."""
+    """Pure ASGI: checks the API key and refuses bodies above the limit before anything parses them
+    (the body is read here, counted, and replayed to the app).
+
+    With a key configured, every path needs it except the API description and, unless their
+    ``auth.protect_*`` switch is on, ``/health`` and ``/metrics``: deny by default, so a new route
+    cannot be left open by mistake."""
 
     def __init__(self, app: ASGIApp, *, gateway: Gateway, api_key: str | None) -> None:
         self.app = app
         self.gateway = gateway
         self.api_key = api_key.encode() if api_key else None
         self.max_body = gateway.config.limits.max_body_bytes
+        auth = gateway.config.auth
+        self.open_paths = set(_DOC_PATHS)
+        self.open_paths |= set() if auth.protect_health else {"/health"}
+        self.open_paths |= set() if auth.protect_metrics else {"/metrics"}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -72,7 +91,7 @@ class RequestGuard:
             return
         path: str = scope["path"]
         error: Exception | None = None
-        if path.startswith("/v1/") and self.api_key is not None and not self._authorized(scope):
+        if self.api_key is not None and path not in self.open_paths and not self._authorized(scope):
             error = Unauthorized("invalid or missing API key: send 'Authorization: Bearer <key>'")
         elif scope["method"] in ("POST", "PUT", "PATCH"):
             body, too_large = await self._read_body(scope, receive)
@@ -110,6 +129,32 @@ class RequestGuard:
             if not message.get("more_body", False):
                 break
         return b"".join(chunks), False
+
+
+STREAM_CHUNKS = (chat.ChatCompletionChunk, completions.CompletionChunk)
+_DOC_PATHS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+
+
+def openapi_schema(app: FastAPI, *, keyed: bool) -> dict[str, Any]:
+    """FastAPI's schema without its 422 responses (validation errors are 400s here, declared on each
+    route with the OpenAI error body) and, when a key is configured, with the bearer scheme on ``/v1``."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+                if keyed and path.startswith("/v1/"):
+                    operation["security"] = [{"bearer": []}]
+        components = schema.setdefault("components", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.get("schemas", {}).pop(name, None)
+        for chunk in STREAM_CHUNKS:  # referenced from the text/event-stream entries, not from a route's model
+            chunk_schema = chunk.model_json_schema(ref_template="#/components/schemas/{model}")
+            components["schemas"].update({**chunk_schema.pop("$defs", {}), chunk.__name__: chunk_schema})
+        if keyed:
+            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from boomerang_core.errors import BoomerangError, ModelNotFound, SizeOutOfRange
@@ -68,6 +69,36 @@ class InternalError(ApiError):
     status, type, default_code = 500, "server_error", "internal_error"
 
 
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """The body of every error, for the OpenAPI schema (bodies are built by :meth:`ApiError.body`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    error: ErrorDetail
+
+
+_ERROR_MEANINGS = {
+    400: "invalid request: a field the server cannot honour, a limit exceeded, malformed JSON",
+    401: "missing or wrong API key",
+    404: "no such model or size",
+    413: "request body above limits.max_body_bytes",
+    429: "queue full, or no size meets the latency and memory budgets",
+    503: "still loading, shutting down, or the engine serving the size has failed",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route: each status with the OpenAI error body, for the OpenAPI schema."""
+    return {status: {"model": ErrorBody, "description": _ERROR_MEANINGS[status]} for status in statuses}
+
+
 def to_api_error(exc: BaseException) -> ApiError:
     """The single mapping from any exception to the error the client sees."""
     if isinstance(exc, ApiError):
@@ -85,9 +116,14 @@ def to_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, StarletteHTTPException):
         mapped = {401: Unauthorized, 404: NotFound, 413: BodyTooLarge, 429: TooManyRequests, 503: NotReady}
         if exc.status_code in mapped:
-            return mapped[exc.status_code](str(exc.detail), code="http_error")
-        error = BadRequest(str(exc.detail), code="http_error") if exc.status_code < 500 else InternalError("error")
-        error.status = exc.status_code
+            error = mapped[exc.status_code](str(exc.detail), code="http_error")
+        elif exc.status_code < 500:
+            error = BadRequest(str(exc.detail), code="http_error")
+            error.status = exc.status_code
+        else:
+            error = InternalError("error")
+            error.status = exc.status_code
+        error.headers = {**error.headers, **(exc.headers or {})}  # e.g. 405's Allow
         return error
     log.error("unhandled error", exc_info=exc)
     return InternalError("the server failed to handle this request; see the server log")

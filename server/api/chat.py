@@ -10,10 +10,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.api.common import GenerationFields, Routed, check_tokens, route, usage
+from server.api.common import FinishReason, GenerationFields, Routed, Usage, check_tokens, route, sse_content, usage
 from server.api.fanout import Choice, Fanout, collect_reply, stream_response
 from server.engines.base import TokenLogprob
-from server.errors import BadRequest
+from server.errors import BadRequest, error_responses
 from server.gateway import Gateway, GatewayDep
 
 router = APIRouter()
@@ -40,6 +40,77 @@ class ChatCompletionRequest(GenerationFields):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+
+class TopLogprob(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    content: list[TokenLogprobEntry]
+
+
+class AssistantMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletion(BaseModel):
+    """The whole reply (documents the body; :func:`_response` builds it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    index: int
+    delta: Delta
+    logprobs: ChoiceLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One streamed event (documents it; :func:`_chunks` builds it). With ``include_usage`` every
+    chunk has ``usage: null`` and a last one with no choices carries the counts."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
 
 
 def _text_of(message: ChatMessage, index: int) -> str:
@@ -162,6 +233,13 @@ async def serve_chat(body: ChatCompletionRequest, request: Request, gateway: Gat
     return JSONResponse(_response(routed, choices, body.logprobs), headers=routed.headers())
 
 
-@router.post(ENDPOINT)
+@router.post(
+    ENDPOINT,
+    response_model=None,
+    responses={
+        200: {"model": ChatCompletion, "content": sse_content(ChatCompletionChunk)},
+        **error_responses(400, 401, 404, 413, 429, 503),
+    },
+)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, gateway: GatewayDep) -> Response:
     return await serve_chat(body, request, gateway)

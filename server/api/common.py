@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +32,39 @@ _HARMLESS: dict[str, tuple[Any, ...]] = {
     "store": (False,),
     "metadata": ({},),
 }
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+FinishReason = Literal["stop", "length"]
+
+
+def sse_content(chunk: type[BaseModel]) -> dict[str, Any]:
+    """The ``text/event-stream`` entry of a streaming route's 200 response: each event's ``data`` is
+    a ``chunk`` as JSON, an error body as JSON (generation failed midway), or the final ``[DONE]``.
+    ``chunk`` must be added to the schema's components (``server.app.openapi_schema`` does)."""
+    as_json = [{"$ref": f"#/components/schemas/{chunk.__name__}"}, {"$ref": "#/components/schemas/ErrorBody"}]
+    data = {
+        "anyOf": [{"const": "[DONE]"}, {"contentMediaType": "application/json", "contentSchema": {"anyOf": as_json}}]
+    }
+    event = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string", **data}}}
+    return {"text/event-stream": {"itemSchema": event}}
+
+
+# Below this, temperature means greedy (vLLM's _SAMPLING_EPS): logits / 1e-300 overflow float32 to inf
+# and the sampler's probabilities to NaN.
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
+
+def _effective_temperature(requested: float | None) -> float:
+    if requested is None:
+        return 1.0
+    return requested if requested >= MIN_SAMPLING_TEMPERATURE else 0.0
 
 
 class StreamOptions(BaseModel):
@@ -82,7 +115,7 @@ class GenerationFields(BaseModel):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
+            temperature=_effective_temperature(self.temperature),
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=max(0, self.top_k or 0),
             seed=self.seed,

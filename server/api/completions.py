@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from server.api.common import GenerationFields, Routed, check_tokens, route, usage
+from server.api.common import FinishReason, GenerationFields, Routed, Usage, check_tokens, route, sse_content, usage
 from server.api.fanout import Choice, Fanout, collect_reply, stream_response
 from server.engines.base import TokenLogprob
-from server.errors import BadRequest
+from server.errors import BadRequest, error_responses
 from server.gateway import Gateway, GatewayDep
 
 router = APIRouter()
@@ -32,6 +32,48 @@ class CompletionRequest(GenerationFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+
+class LegacyLogprobs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    index: int
+    text: str
+    logprobs: LegacyLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class Completion(BaseModel):
+    """The whole reply (documents the body; :class:`Formatter` builds it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunk(BaseModel):
+    """One streamed event (documents it; :meth:`Formatter.chunks` builds it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
 
 
 class Prompt:
@@ -198,6 +240,13 @@ async def serve_completion(body: CompletionRequest, request: Request, gateway: G
     return JSONResponse(formatter.response(choices), headers=routed.headers())
 
 
-@router.post(ENDPOINT)
+@router.post(
+    ENDPOINT,
+    response_model=None,
+    responses={
+        200: {"model": Completion, "content": sse_content(CompletionChunk)},
+        **error_responses(400, 401, 404, 413, 429, 503),
+    },
+)
 async def create_completion(body: CompletionRequest, request: Request, gateway: GatewayDep) -> Response:
     return await serve_completion(body, request, gateway)

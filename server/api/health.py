@@ -2,16 +2,39 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST
+from typing import Literal
 
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict
+
+from server.errors import error_responses
 from server.gateway import GatewayDep
 
 router = APIRouter()
 
 
-@router.get("/health")
+class Healthy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    status: Literal["ok"]
+    family: str
+    sizes: list[str]
+
+
+class Unhealthy(BaseModel):
+    """Loading, failed, or draining; ``problems`` says why, one line each."""
+
+    model_config = ConfigDict(extra="forbid")
+    status: Literal["unavailable", "draining"]
+    problems: list[str]
+
+
+@router.get(
+    "/health",
+    response_model=None,
+    responses={200: {"model": Healthy}, 503: {"model": Unhealthy}, **error_responses(401)},
+)
 async def health(gateway: GatewayDep) -> JSONResponse:
     problems = gateway.problems()
     if problems:
@@ -21,7 +44,7 @@ async def health(gateway: GatewayDep) -> JSONResponse:
     return JSONResponse({"status": "ok", "family": gateway.family.name, "sizes": sorted(gateway.engines)})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse, responses=error_responses(401))
 async def metrics(gateway: GatewayDep) -> Response:
     if gateway.family is not None:
         gateway.metrics.refresh(gateway.engines, [s.name for s in gateway.family.sizes])

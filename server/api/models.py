@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from boomerang_core.family import FamilySize
-from server.errors import NotFound
+from server.errors import NotFound, error_responses
 from server.gateway import Gateway, GatewayDep
 
 router = APIRouter()
@@ -59,12 +59,12 @@ def model_cards(gateway: Gateway) -> list[ModelCard]:
     return [family_card, *(card(s) for s in family.sizes)]
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=error_responses(401, 503))
 async def list_models(gateway: GatewayDep) -> ModelList:
     return ModelList(data=model_cards(gateway))
 
 
-@router.get("/v1/models/{model:path}")
+@router.get("/v1/models/{model:path}", responses=error_responses(401, 404, 503))
 async def retrieve_model(model: str, gateway: GatewayDep) -> ModelCard:
     for card in model_cards(gateway):
         if card.id.lower() == model.lower():
