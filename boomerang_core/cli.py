@@ -120,6 +120,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         kl_weight=args.kl_weight,
         cosine_weight=args.cosine_weight,
         corpus=args.data,
+        save_steps=args.save_steps,
+        save_total_limit=args.keep_checkpoints,
     )
     out = distill.distill(args.teacher, Path(args.out), config, device=args.device)
     print(f"student written to {out}")
@@ -164,6 +166,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     p.add_argument("--kl-weight", type=float, default=0.1, help="weight of KL(teacher||student) (default 0.1)")
     p.add_argument("--cosine-weight", type=float, default=2.0, help="weight of the cosine loss (default 2.0)")
+    p.add_argument(
+        "--save-steps", type=int, default=20, help="optimizer steps between resumable checkpoints (default 20)"
+    )
+    p.add_argument(
+        "--keep-checkpoints", type=int, default=2, help="newest checkpoints kept in OUT/checkpoints (default 2)"
+    )
     p.set_defaults(func=cmd_distill)
     return parser, sub
 

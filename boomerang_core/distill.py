@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -31,12 +32,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from boomerang_core.alignment import StudentSpec
 from boomerang_core.arch import adapter_for
+from boomerang_core.checkpoints import AtomicCheckpointTrainer
 from boomerang_core.data import load_corpus, token_blocks
 from boomerang_core.errors import RecipeError
 from boomerang_core.loading import load_causal_lm, load_tokenizer
@@ -222,15 +224,17 @@ class TokenBlocks(torch.utils.data.Dataset):
         return {"input_ids": self.blocks[i]}
 
 
-class BoomerangTrainer(Trainer):
+class BoomerangTrainer(AtomicCheckpointTrainer):
     """``Trainer`` whose loss is the Boomerang loss against a frozen teacher.
 
     The teacher is not wrapped by the Trainer (no optimizer state, no FSDP sharding of its own
-    unless the caller shards it); it is moved to the training device on first use."""
+    unless the caller shards it); it is moved to the training device on first use. Checkpoints are
+    written atomically, each with its ``student_config.json``, so every checkpoint loads as a student."""
 
     def __init__(self, *args: Any, teacher: PreTrainedModel, spec: StudentSpec, recipe: DistillConfig, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval().requires_grad_(False)
+        self.spec = spec
         self.aligned = spec.aligned_hidden_states()
         self.recipe = recipe
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean
@@ -260,6 +264,9 @@ class BoomerangTrainer(Trainer):
             self._count += 1
             self._tokens += input_ids.numel()
         return (parts.total, student_out) if return_outputs else parts.total
+
+    def complete_checkpoint(self, staged: Path) -> None:
+        self.spec.write(staged)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the loss parts (means since the last log) and training tokens per second."""
@@ -311,19 +318,6 @@ class StopAfter(TrainerCallback):
             control.should_training_stop = True
 
 
-class StudentConfigOnSave(TrainerCallback):
-    """Write student_config.json into every checkpoint, so each one loads as a student."""
-
-    def __init__(self, spec: StudentSpec) -> None:
-        self.spec = spec
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.is_dir():
-                self.spec.write(ckpt)
-
-
 # --- the entry point --------------------------------------------------------------------------
 
 
@@ -345,8 +339,10 @@ def distill(
 
     ``out_dir`` ends as a standard HF checkpoint (safetensors, config, tokenizer) plus
     ``student_config.json`` and ``distill_config.json``. Resumable checkpoints are kept in
-    ``out_dir/checkpoints``; with ``resume`` a rerun continues from the latest one (same data order,
-    no repeated or lost optimizer steps). ``train_blocks`` (n, seq_len) overrides the corpus;
+    ``out_dir/checkpoints``, each written atomically (:mod:`boomerang_core.checkpoints`): with
+    ``resume`` a rerun, even after a kill mid-save, continues from the latest complete one (same data
+    order, RNG and schedule: no repeated or lost optimizer steps); ``resume=False`` deletes them and
+    starts over. ``train_blocks`` (n, seq_len) overrides the corpus;
     ``stop_after_steps`` stops early after that optimizer step (as an interruption would) without
     changing the schedule; ``time_limit_s`` does the same after that many seconds of training.
     Returns ``out_dir``; it holds a final student only if the whole budget was trained.
@@ -375,7 +371,7 @@ def distill(
         teacher=teacher,
         spec=spec,
         recipe=config,
-        callbacks=[StudentConfigOnSave(spec), *(callbacks or [])],
+        callbacks=callbacks,
     )
     if stop_after_steps is not None or time_limit_s is not None:
         trainer.add_callback(StopAfter(stop_after_steps, time_limit_s))
@@ -430,8 +426,11 @@ def _training_args(
 
 
 def _check_recipe(out: Path, config: DistillConfig, resume: bool) -> None:
-    """Refuse to resume checkpoints made by a different recipe; record the recipe otherwise."""
+    """Refuse to resume checkpoints made by a different recipe; record the recipe otherwise.
+    Without ``resume`` old checkpoints go: a later resume must never pick up another run's."""
     path = out / RECIPE_FILE
+    if not resume:
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # every rank may run this; the first one wins
     if resume and path.is_file() and (out / CHECKPOINTS).is_dir():
         old = DistillConfig.from_dict(json.loads(path.read_text())).to_dict()
         new = config.to_dict()
