@@ -16,15 +16,21 @@ from typing import Annotated, Any
 import torch
 from fastapi import Depends, Request
 
+from boomerang_core.errors import BoomerangError
 from boomerang_core.family import FAMILY_FILE, Family, FamilySize
 from boomerang_core.store import LayerStore
 from server.config import DeployConfig
-from server.engines.base import Engine
+from server.engines.base import Engine, EngineError
 from server.errors import NotReady
+from server.lifecycle import Drain
 from server.metrics import GatewayMetrics
 from server.routing import Router
 
 log = logging.getLogger("boomerang.server")
+
+# Bring-up failures that are the deploy's fault (a missing path, a size the family lacks, a budget
+# too small, an engine that cannot start): reported in one line, without a traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (BoomerangError, EngineError, OSError, ValueError)
 
 FamilyLoader = Callable[[DeployConfig], Family]
 EngineFactory = Callable[[Family, Sequence[str], DeployConfig], Engine]
@@ -71,6 +77,10 @@ class Gateway:
     engines: dict[str, Engine] = field(default_factory=dict)  # size name -> engine serving it
     router: Router | None = None
     failure: str | None = None  # why bring-up failed, for /health
+    drain: Drain = field(default_factory=Drain)  # SIGTERM: in-flight requests, and whether we drain
+
+    def __post_init__(self) -> None:
+        self.drain.grace_s = self.config.server.shutdown_grace_s
 
     async def bring_up(self, load: FamilyLoader, make_engine: EngineFactory) -> None:
         """Load the family off the event loop, start the engines, then start routing."""
@@ -86,7 +96,8 @@ class Gateway:
             raise
         except Exception as exc:
             self.failure = f"{type(exc).__name__}: {exc}"
-            log.error("bring-up failed: %s", self.failure)
+            # one line for what the operator got wrong (paths, sizes, budgets); a traceback for bugs
+            log.error("bring-up failed: %s", self.failure, exc_info=not isinstance(exc, USER_ERRORS))
             return
         self.family, self.tokenizer = family, family.store.tokenizer
         self.engines = dict.fromkeys(sizes, engine)

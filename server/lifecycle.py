@@ -1,0 +1,258 @@
+"""The gateway process's life: a real drain on SIGTERM, a deadline for request headers, and exit codes.
+
+On the first SIGTERM or SIGINT the gateway drains: ``/health`` answers 503 (load balancers stop
+sending), new ``/v1`` requests get an OpenAI-shaped 503 with ``Retry-After`` and ``Connection: close``,
+and requests in flight (streams included) run to their end. When none is left, or after
+``server.shutdown_grace_s``, the server shuts down and the process exits 0; a stream cut by the grace
+limit ends with an error event and ``data: [DONE]``, never silence. A second signal exits at once.
+
+:class:`DrainGuard` (pure ASGI, outermost) counts the requests in flight and answers for the app
+while it drains. :class:`GatewayServer` is uvicorn's server with that drain, and it also ends the
+process (exit 1) when bring-up fails instead of staying up half-configured. :func:`protocol_class` is
+uvicorn's HTTP protocol plus a header deadline: a connection that has not sent complete request
+headers within ``server.header_timeout_s`` is closed (uvicorn has no such timer; slowloris clients
+would otherwise hold connections forever).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import uvicorn
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import NotReady, error_response, sse_error
+
+if TYPE_CHECKING:
+    from server.gateway import Gateway
+
+log = logging.getLogger("boomerang.server")
+RETRY_AFTER_S = 5
+CUT_FLUSH_S = 2.0  # how long cut requests get to send their error event before the server closes
+FORCED_EXIT_S = 1.0  # after a second signal: how long the server gets to close sockets before a hard exit
+
+
+class ShuttingDown(NotReady):
+    """A request that arrives while the server drains, or one cut by the grace limit."""
+
+    default_code = "shutting_down"
+
+
+@dataclass(eq=False)
+class _InFlight:
+    cancel: anyio.CancelScope
+    started: bool = False  # http.response.start sent
+    streaming: bool = False  # text/event-stream
+    ended: bool = False  # the last body chunk sent
+
+
+@dataclass(eq=False)
+class Drain:
+    """What the process knows about draining; shared by :class:`DrainGuard` and :class:`GatewayServer`."""
+
+    grace_s: float = 30.0
+    draining: bool = False
+    started_at: float | None = None  # monotonic seconds
+    requests: set[_InFlight] = field(default_factory=set)
+    finished: int = 0  # requests that ran to their end while draining
+    cut: int = 0  # requests cut by the grace limit
+
+    def begin(self) -> None:
+        if not self.draining:
+            self.draining, self.started_at = True, time.monotonic()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.requests)
+
+    def overdue(self) -> bool:
+        return self.started_at is not None and time.monotonic() - self.started_at >= self.grace_s
+
+    def guard(self, app: ASGIApp) -> ASGIApp:
+        """The :class:`DrainGuard` around ``app`` (for ``app.add_middleware``)."""
+        return DrainGuard(app, drain=self)
+
+    async def cut_all(self) -> None:
+        """Cancel every request still in flight; each ends its stream with an error event."""
+        for request in list(self.requests):
+            self.cut += 1
+            request.cancel.cancel()
+        with anyio.move_on_after(CUT_FLUSH_S):
+            while self.requests:
+                await asyncio.sleep(0.02)
+
+
+class DrainGuard:
+    """Pure ASGI, outermost: counts requests in flight and answers for the app while draining."""
+
+    def __init__(self, app: ASGIApp, *, drain: Drain) -> None:
+        self.app = app
+        self.drain = drain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.drain.draining:
+            path: str = scope["path"]
+            if path == "/health":
+                body = {"status": "draining", "problems": ["the server is shutting down"]}
+                headers = {"Retry-After": str(RETRY_AFTER_S), "Connection": "close"}
+                await JSONResponse(body, status_code=503, headers=headers)(scope, receive, send)
+                return
+            if path.startswith("/v1/"):
+                await _shutting_down("the server is shutting down; retry on another replica")(scope, receive, send)
+                return
+        request = _InFlight(anyio.CancelScope())
+        self.drain.requests.add(request)
+
+        async def tracked_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                request.started = True
+                headers = message.get("headers", [])
+                request.streaming = any(
+                    k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers
+                )
+                if self.drain.draining:  # do not keep a connection alive into a server that is going away
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                request.ended = True
+            await send(message)
+
+        try:
+            with request.cancel:
+                await self.app(scope, receive, tracked_send)
+            if request.cancel.cancelled_caught and not request.ended:
+                await _finish_cut(request, scope, receive, send)
+        finally:
+            self.drain.requests.discard(request)
+            if self.drain.draining and not request.cancel.cancel_called:
+                self.drain.finished += 1
+
+
+def _shutting_down(message: str) -> JSONResponse:
+    response = error_response(ShuttingDown(message))
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    response.headers["Connection"] = "close"
+    return response
+
+
+async def _finish_cut(request: _InFlight, scope: Scope, receive: Receive, send: Send) -> None:
+    """A request cut by the grace limit: an error event ends its stream, or a 503 if nothing was sent."""
+    error = ShuttingDown("the server shut down before this request finished (shutdown grace period exceeded)")
+    with anyio.move_on_after(CUT_FLUSH_S), contextlib.suppress(Exception):
+        if not request.started:
+            await _shutting_down(error.message)(scope, receive, send)
+        elif request.streaming:
+            body = (sse_error(error) + "data: [DONE]\n\n").encode()
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+        else:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server with the drain, and an exit code: 0 after a drain, 1 when bring-up failed,
+    128 + signal after a second signal."""
+
+    def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
+        super().__init__(config)
+        self.gateway = gateway
+        self.drain = gateway.drain
+        self.exit_code = 0
+        self._announced = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # A signal handler: set flags only; on_tick (on the loop) logs and acts. Unlike uvicorn's own
+        # handler this does not re-raise the signal after shutdown, so a drained process exits 0.
+        if self.drain.draining or self.should_exit:
+            self.exit_code = 128 + sig
+            self.force_exit = self.should_exit = True
+            threading.Timer(FORCED_EXIT_S, _hard_exit, args=(self.exit_code,)).start()
+            return
+        self.drain.begin()
+
+    async def on_tick(self, counter: int) -> bool:
+        if not self.should_exit:
+            if self.gateway.failure is not None:  # bring-up logged why, on one line
+                self.exit_code = 1
+                self.should_exit = True
+            elif self.drain.draining:
+                self._drain_step()
+                if self.drain.overdue() and self.drain.in_flight:
+                    await self.drain.cut_all()
+                    self._drain_step()
+                    self.should_exit = True  # what could not even take its error event is left to uvicorn
+        return await super().on_tick(counter)
+
+    def _drain_step(self) -> None:
+        d = self.drain
+        if not self._announced:
+            self._announced = True
+            log.info("draining: %d request(s) in flight get up to %g s; new requests get 503", d.in_flight, d.grace_s)
+        if d.in_flight == 0:
+            waited = time.monotonic() - (d.started_at or time.monotonic())
+            log.info("drained in %.1f s: %d request(s) finished, %d cut", waited, d.finished, d.cut)
+            self.should_exit = True
+
+
+def _hard_exit(code: int) -> None:
+    logging.shutdown()
+    os._exit(code)
+
+
+def protocol_class(header_timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (httptools when installed, as uvicorn's ``auto`` picks, else h11) with
+    a deadline for request headers: from the connection's start, and from the first byte of each later
+    request on a kept-alive connection. A connection still without complete headers is closed."""
+    base: type[Any]
+    if importlib.util.find_spec("httptools") is not None:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    else:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+
+    class HeaderDeadlineProtocol(base):  # type: ignore[misc,valid-type]
+        # uvicorn makes ``self.cycle`` (a new object) when a request's headers are complete; the
+        # timer only has to see whether the cycle it started under was replaced.
+        _header_timer: asyncio.TimerHandle | None = None
+        _cycle_at_arm: Any = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            between_requests = self.cycle is None or self.cycle.response_complete
+            if between_requests and (self._header_timer is None or self._cycle_at_arm is not self.cycle):
+                self._arm()  # the first bytes of a next request on a kept-alive connection
+            super().data_received(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._cycle_at_arm = self.cycle
+            self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if self.cycle is self._cycle_at_arm and not self.transport.is_closing():
+                log.debug("closing a connection that sent no complete request headers in %g s", header_timeout_s)
+                self.transport.close()
+
+    return HeaderDeadlineProtocol
