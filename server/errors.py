@@ -148,9 +148,16 @@ def _validation_error(exc: RequestValidationError) -> BadRequest:
     return BadRequest(text, param=param or None, code="invalid_value")
 
 
+class ErrorJSONResponse(JSONResponse):
+    """ASCII JSON: a message that quotes the request (a model name with a lone surrogate) always encodes."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
+
+
 def error_response(exc: BaseException) -> JSONResponse:
     error = to_api_error(exc)
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+    return ErrorJSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 def sse_error(exc: BaseException) -> str:

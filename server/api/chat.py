@@ -10,7 +10,17 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.api.common import FinishReason, GenerationFields, Routed, Usage, check_tokens, route, sse_content, usage
+from server.api.common import (
+    FinishReason,
+    GenerationFields,
+    Routed,
+    Usage,
+    check_text,
+    check_tokens,
+    route,
+    sse_content,
+    usage,
+)
 from server.api.fanout import Choice, Fanout, collect_reply, stream_response
 from server.engines.base import TokenLogprob
 from server.errors import BadRequest, error_responses
@@ -115,7 +125,7 @@ class ChatCompletionChunk(BaseModel):
 
 def _text_of(message: ChatMessage, index: int) -> str:
     if message.content is None or isinstance(message.content, str):
-        return message.content or ""
+        return check_text(message.content or "", f"messages[{index}].content")
     parts = []
     for j, part in enumerate(message.content):
         if part.type != "text" or part.text is None:
@@ -123,7 +133,7 @@ def _text_of(message: ChatMessage, index: int) -> str:
                 f"content parts of type '{part.type}' are not supported: this model reads text only",
                 param=f"messages[{index}].content[{j}]", code="unsupported_content",
             )  # fmt: skip
-        parts.append(part.text)
+        parts.append(check_text(part.text, f"messages[{index}].content[{j}].text"))
     return "".join(parts)
 
 

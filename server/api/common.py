@@ -61,6 +61,15 @@ def sse_content(chunk: type[BaseModel]) -> dict[str, Any]:
 MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
+def check_text(text: str, param: str) -> str:
+    """``text`` if it can be encoded (JSON allows lone surrogates such as ``"\\ud800"``; tokenizers do not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadRequest(f"not valid Unicode text: a lone surrogate at character {exc.start}", param=param) from None
+    return text
+
+
 def _effective_temperature(requested: float | None) -> float:
     if requested is None:
         return 1.0
@@ -84,7 +93,7 @@ class GenerationFields(BaseModel):
     top_k: Annotated[int, Field(ge=-1)] | None = None
     n: Annotated[int, Field(ge=1)] = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None  # int64, as OpenAI's
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None

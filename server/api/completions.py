@@ -15,7 +15,17 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.api.common import FinishReason, GenerationFields, Routed, Usage, check_tokens, route, sse_content, usage
+from server.api.common import (
+    FinishReason,
+    GenerationFields,
+    Routed,
+    Usage,
+    check_text,
+    check_tokens,
+    route,
+    sse_content,
+    usage,
+)
 from server.api.fanout import Choice, Fanout, collect_reply, stream_response
 from server.engines.base import TokenLogprob
 from server.errors import BadRequest, error_responses
@@ -99,7 +109,8 @@ def read_prompts(tokenizer: Any, prompt: str | list[str] | list[int] | list[list
     out = []
     for i, item in enumerate(items):
         if isinstance(item, str):
-            out.append(Prompt(list(tokenizer(item)["input_ids"]), item))
+            text = check_text(item, "prompt" if isinstance(prompt, str) else f"prompt[{i}]")
+            out.append(Prompt(list(tokenizer(text)["input_ids"]), text))
             continue
         bad = [t for t in item if not 0 <= t < vocab]
         if bad:
