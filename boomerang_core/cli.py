@@ -12,11 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from boomerang_core.errors import BoomerangError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("bfloat16", "float16", "float32")  # torch dtype names; torch loads only when a command needs it
 
 
 def _family_args(p: argparse.ArgumentParser) -> None:
@@ -28,10 +26,12 @@ def _family_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_family(args: argparse.Namespace) -> Any:
+    import torch
+
     from boomerang_core.family import Family
     from boomerang_core.store import LayerStore
 
-    dtype = DTYPES[args.dtype]
+    dtype = getattr(torch, args.dtype)
     if not args.teacher:
         if args.student:
             raise BoomerangError("--student needs --teacher")

@@ -10,6 +10,9 @@ from boomerang_core.cli import build_parser, run
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from server.config_cli import refuse_bad_file
+
+    refuse_bad_file(args.config)  # what `config check` fails: refused in a second, before torch or the web stack load
     from server.run import serve
 
     serve(args.config, args.host, args.port)

@@ -12,15 +12,19 @@ Later sections (vLLM pools, autoscaling budgets, remote workers) slot in as new 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from server.pool_config import PoolConfig, PoolTierFields, VllmEngineConfig
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
+_DEVICE = re.compile(r"^(cpu|cuda|mps|xpu)(:\d+)?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ORIGIN = re.compile(r"^https?://[^/\s]+$")
 
 
 class ConfigError(ValueError):
@@ -52,6 +56,27 @@ class FamilyConfig(_Section):
         default=None,
         description="directory holding family.json (sizes chosen by `eval`); default: the student's, if present",
     )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"unknown device '{value}': use cpu, cuda or cuda:N (mps, xpu where torch has them)")
+        return value
+
+    @field_validator("patch_order")
+    @classmethod
+    def _blocks(cls, value: str | list[int]) -> str | list[int]:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("an empty block list: use last, first, or every block index once")
+            negative = [b for b in value if b < 0]
+            if negative:
+                raise ValueError(f"block {negative[0]} is negative: blocks count from 0")
+            twice = sorted({b for b in value if value.count(b) > 1})
+            if twice:
+                raise ValueError(f"block {twice[0]} is listed twice: give every block index once")
+        return value
 
 
 class TierConfig(PoolTierFields, _Section):
@@ -115,9 +140,17 @@ class AuthConfig(_Section):
     logged or echoed in an error body."""
 
     api_key: SecretStr | None = None
-    api_key_env: str = "BOOMERANG_API_KEY"
+    api_key_env: str = Field(default="BOOMERANG_API_KEY", description="name of the variable holding the key")
     protect_metrics: bool = Field(default=False, description="require the key on /metrics too")
     protect_health: bool = Field(default=False, description="require the key on /health too")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if not _ENV_NAME.match(value):
+            hint = f" (without the '$': {value.lstrip('$')})" if value.startswith("$") else ""
+            raise ValueError(f"'{value}' is not an environment variable name{hint}")
+        return value
 
     def resolved_key(self) -> str | None:
         env = os.environ.get(self.api_key_env)
@@ -146,6 +179,17 @@ class ServerConfig(_Section):
         default_factory=list, description="origins allowed by CORS ('*' for any); empty: no CORS headers at all"
     )
 
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin != "*" and not _ORIGIN.match(origin):
+                raise ValueError(
+                    f"'{origin}' is not an origin: scheme, host and optional port only, no path or trailing "
+                    "slash (https://app.example.com), or '*'"
+                )
+        return value
+
 
 class DeployConfig(_Section):
     """The whole deploy file. ``family: null`` (or no file at all) serves the demo family."""
@@ -159,14 +203,17 @@ class DeployConfig(_Section):
     pool: PoolConfig = PoolConfig()
     server: ServerConfig = ServerConfig()
 
-    @model_validator(mode="after")
-    def _unique_tiers(self) -> DeployConfig:
-        seen: set[str] = set()
-        for tier in self.tiers:
-            if tier.name.lower() in seen:
-                raise ValueError(f"tier name '{tier.name}' is used twice")
-            seen.add(tier.name.lower())
-        return self
+    @field_validator("tiers")
+    @classmethod
+    def _unique_tiers(cls, tiers: list[TierConfig]) -> list[TierConfig]:
+        seen: dict[str, int] = {}
+        for i, tier in enumerate(tiers):
+            first = seen.setdefault(tier.name.lower(), i)
+            if first != i:
+                raise ValueError(
+                    f"tier name '{tier.name}' is used twice (tiers[{first}] and tiers[{i}]; names ignore case)"
+                )
+        return tiers
 
 
 def format_validation_error(exc: ValidationError) -> list[str]:
@@ -222,6 +269,37 @@ def load_config(path: str | Path | None) -> DeployConfig:
         raise ConfigError(str(path), [f"cannot read the file: {exc.strerror}"]) from None
     try:
         data = yaml.safe_load(text)
+        twice = _keys_given_twice(yaml.compose(text))
     except yaml.YAMLError as exc:
-        raise ConfigError(str(path), [f"not valid YAML: {exc}"]) from None
+        raise ConfigError(str(path), [_yaml_problem(exc)]) from None
+    if twice:
+        raise ConfigError(str(path), twice)
     return parse_config(data, str(path), file.parent)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line report as one line: where, and what."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"not valid YAML{where}: {what}"
+
+
+def _keys_given_twice(node: yaml.Node | None, path: str = "") -> list[str]:
+    """``routing.slo_ms: given twice (lines 3 and 9)`` for each repeated key: YAML loaders keep only
+    the last one, so the first would be silently ignored."""
+    problems: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key, value in node.value:
+            name = str(getattr(key, "value", ""))
+            sub = f"{path}.{name}" if path else name
+            line = key.start_mark.line + 1
+            if name in first_line and name != "<<":
+                problems.append(f"{sub}: given twice (lines {first_line[name]} and {line}); only the last would count")
+            first_line.setdefault(name, line)
+            problems += _keys_given_twice(value, sub)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            problems += _keys_given_twice(item, f"{path}[{i}]")
+    return problems

@@ -1,12 +1,14 @@
 """``boomerang config check FILE...`` and ``boomerang config schema``: deploy files checked before a
-deploy, not at start-up.
+deploy, and again by ``boomerang serve`` before it loads anything.
 
 ``check`` prints every problem of every file as ``FILE:LINE: path: message`` (the path as it reads
 in YAML, ``tiers[2].max_replicas``; the line of that key, or of its parent when the key is missing)
 and exits 1 when any file has one. Beyond the schema of :mod:`server.config` it reads every size
 form that needs no model (``k3``, ``96M``, ``0.5``), and warns (without failing) when a secret sits
-in the file instead of the environment. ``schema`` prints the JSON Schema of the deploy file for
-editors (yaml-language-server: ``# yaml-language-server: $schema=boomerang.schema.json``).
+in the file instead of the environment. ``boomerang serve`` runs the same check first
+(:func:`refuse_bad_file`) and refuses to start on any problem, printing the same lines. ``schema``
+prints the JSON Schema of the deploy file for editors (yaml-language-server:
+``# yaml-language-server: $schema=boomerang.schema.json``).
 
 Only :mod:`server.config` is imported: checking a file loads no model and no web stack.
 """
@@ -29,6 +31,7 @@ from server.config import ConfigError, DeployConfig, load_config
 
 _SIZE_NAME = re.compile(r"^[a-z]\d+$")  # the names families give their sizes: k3 (patched blocks), l12 (layers)
 _PARAM_LABEL = re.compile(r"^\d+(\.\d+)?[kmbg]$")  # 96M, 2.3B (boomerang_core.family.parse_param_label)
+_AT_LINE = re.compile(r"^not valid YAML at line (\d+)")
 _PROBLEM_PATH = re.compile(r"^((?:[A-Za-z_][\w-]*|\[\d+\])(?:\.[A-Za-z_][\w-]*|\[\d+\])*): (.*)$", re.S)
 
 
@@ -59,6 +62,24 @@ def check_file(path: str | Path) -> list[Finding]:
     if isinstance(data, dict):
         findings += _semantic(data)
     return _with_lines(findings, path)
+
+
+class DeployFileError(ConfigError):
+    """A deploy file ``config check`` fails; ``str()`` is its problem lines, ``FILE:LINE: path: message``."""
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+
+def refuse_bad_file(path: str | Path | None) -> None:
+    """What ``boomerang serve`` runs first: raise :class:`DeployFileError` for a file ``config check``
+    fails, so a server never starts half-configured and the refusal takes a second (no model and no web
+    stack load). ``None`` (the defaults) always passes."""
+    if path is None:
+        return
+    problems = [f.render(str(path)) for f in check_file(path) if not f.warning]
+    if problems:
+        raise DeployFileError(str(path), problems)
 
 
 def check_files(paths: Sequence[str | Path]) -> int:
@@ -120,7 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _split(problem: str) -> Finding:
     match = _PROBLEM_PATH.match(problem)
-    return Finding(match.group(1), match.group(2)) if match else Finding("", problem)
+    if match:
+        return Finding(match.group(1), match.group(2))
+    at_line = _AT_LINE.match(problem)  # YAML syntax errors name their line
+    return Finding("", problem, line=int(at_line.group(1)) if at_line else None)
 
 
 def _semantic(data: dict[str, Any]) -> list[Finding]:

@@ -1,11 +1,16 @@
 """``boomerang config check`` on every deploy file in deploy/ (all pass) and on the committed broken
-files (each prints exactly the problems its ``# expect:`` lines name); ``config schema``."""
+files (each prints exactly the problems its ``# expect:`` lines name, one line each); ``boomerang serve``
+refuses every broken file with the same lines, without a traceback and without opening its port;
+``config schema``."""
 
 from __future__ import annotations
 
 import json
 import re
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +18,7 @@ import pytest
 from server.config import DeployConfig, load_config
 from server.config_cli import check_file, check_files, json_schema
 from tests.deploy.conftest import DEPLOY, REPO, deploy_configs, run
+from tests.server.live import free_port
 
 BROKEN = sorted((Path(__file__).parent / "broken").glob("*.yaml"))
 
@@ -38,6 +44,46 @@ def test_broken_file_reports_every_expected_problem(path: Path, capsys: pytest.C
     assert lines[-1] == f"{path}: {len(expected)} problem{'s' if len(expected) > 1 else ''}", lines
     for message in expected:
         assert any(message in line for line in problems), f"{message!r} not in:\n" + "\n".join(problems)
+
+
+def test_there_are_many_distinct_broken_files() -> None:
+    assert len(BROKEN) >= 15
+    single = [p for p in BROKEN if len(re.findall(r"^# expect: ", p.read_text(), re.M)) == 1]
+    assert len(single) >= 8  # one mistake each: the error is one line
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize("path", BROKEN, ids=lambda p: p.stem)
+def test_serve_refuses_a_broken_file(path: Path) -> None:
+    """``boomerang serve --config BROKEN`` exits 2 with the lines ``config check`` prints (the
+    field's path in each), no traceback, and never listens."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--config", str(path), "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    listened = False
+    deadline = time.monotonic() + 60  # a guard against a server that starts after all, not a speed check
+    while proc.poll() is None and time.monotonic() < deadline:
+        listened = listened or _port_open(port)
+        time.sleep(0.05)
+    if proc.poll() is None:
+        proc.kill()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2, out + err
+    assert not listened and not _port_open(port)
+    assert "Traceback" not in err and not out, err
+    lines = err.splitlines()
+    assert lines[0].startswith("boomerang serve: error: "), err
+    printed = [lines[0].removeprefix("boomerang serve: error: "), *lines[1:]]
+    assert printed == [f.render(str(path)) for f in check_file(path) if not f.warning]  # as `config check` says
+    expected = re.findall(r"^# expect: (.+)$", path.read_text(), re.M)
+    assert len(printed) == len(expected)
+    for message in expected:
+        assert any(message in line for line in printed), f"{message!r} not in:\n{err}"
 
 
 def test_problem_lines_point_into_the_file() -> None:
