@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from server.engines.base import Engine, EngineError, GenerationRequest, QueueFull, SizeLoad, TokenEvent
+from server.errors import ApiError
 from server.pool_metrics import PoolMetrics
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class _Tier:
     waiting: int = 0  # requests in the pool waiting for a replica
     last_used: float = field(default_factory=time.monotonic)
     ttft_s: float | None = None  # moving average of time to first token, seconds
+    start_failures: int = 0  # replica starts that failed, ever
+    start_error: str | None = None  # why the last one failed
 
     def in_flight(self) -> int:
         return self.waiting + sum(_busy(r, self.spec.size) for r in self.replicas)
@@ -212,7 +215,7 @@ class TierPool(Engine):
                         self._observe_ttft(tier, time.perf_counter() - arrived)
                     yield event
                 return
-            except QueueFull:
+            except (QueueFull, ApiError):  # busy, or the request itself is wrong: no other replica helps
                 raise
             except EngineError:
                 if got_token or attempt == 2:
@@ -228,6 +231,7 @@ class TierPool(Engine):
     async def _acquire(self, tier: _Tier) -> Engine:
         """A healthy replica of the tier (least busy), starting one on demand; waits meanwhile."""
         deadline = time.monotonic() + self.start_timeout_s
+        failures = tier.start_failures
         tier.waiting += 1
         tier.last_used = time.monotonic()
         try:
@@ -235,6 +239,8 @@ class TierPool(Engine):
                 healthy = [r for r in tier.replicas if r.healthy()]
                 if healthy:
                     return min(healthy, key=lambda r: _busy(r, tier.spec.size))
+                if tier.start_failures > failures:  # a start we waited on failed: say so, do not wait on
+                    raise EngineError(f"no replica of size {tier.spec.size} could start: {tier.start_error}")
                 if tier.starting == 0:
                     if not await self._make_room(tier):
                         raise QueueFull(self._no_room_text(tier), retry_after_s=max(1.0, self.scale_interval_s))
@@ -264,11 +270,15 @@ class TierPool(Engine):
         replica = tier.spec.make()
         try:
             await replica.start()
-        except BaseException:
+        except BaseException as exc:
             tier.starting -= 1
+            if not isinstance(exc, asyncio.CancelledError):
+                tier.start_failures += 1
+                tier.start_error = f"{type(exc).__name__}: {exc}"
             await self._notify(tier)
             raise
         tier.starting -= 1
+        tier.start_error = None
         tier.replicas.append(replica)
         self.metrics.scaled(tier.spec.size, "up", reason)
         log.info("size %s: replica started (%s), %d running", tier.spec.size, reason, len(tier.replicas))

@@ -40,6 +40,7 @@ from server.engines.base import (
     TokenLogprob,
 )
 from server.engines.vllm_stepper import VllmStepper
+from server.errors import BadRequest
 
 _GB = 1e9
 log = logging.getLogger(__name__)
@@ -188,8 +189,22 @@ class VllmReplica(Engine):
             raise EngineError(f"this replica serves size {self.size.name}, not {request.size}")
         if not self.healthy():
             raise EngineError(f"the replica of size {self.size.name} is not running: {self._failure or 'stopped'}")
+        self._check_context(request)
         stream = _Stream(request, asyncio.get_running_loop(), asyncio.Queue())
         return self._stream(stream)
+
+    def _check_context(self, request: GenerationRequest) -> None:
+        """A 400 for what vLLM would refuse or cut: ``max_model_len`` may be below the model's context,
+        which is what the gateway checks against."""
+        limit, prompt, wanted = self.settings.max_model_len, len(request.prompt_ids), request.sampling.max_tokens
+        if prompt >= limit:
+            raise BadRequest(f"the prompt has {prompt} tokens; size {self.size.name} is served with a context of "
+                             f"{limit}", param="prompt", code="context_length_exceeded")  # fmt: skip
+        if prompt + wanted > limit:
+            raise BadRequest(
+                f"size {self.size.name} is served with a context of {limit} tokens: the prompt has {prompt} and "
+                f"max_tokens asks for {wanted}", param="max_tokens", code="context_length_exceeded",
+            )  # fmt: skip
 
     async def _stream(self, stream: _Stream) -> AsyncIterator[TokenEvent]:
         rid = stream.request.request_id
