@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pydoc_data.topics
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,15 +165,21 @@ def test_resume_refuses_another_recipe(
         distill(teacher_dir, resumed[0], recipe(learning_rate=1e-3), train_blocks=blocks, progress=False)
 
 
-def test_starting_over_drops_the_old_checkpoints(teacher_dir: Path, blocks: torch.Tensor) -> None:
+def test_starting_over_drops_the_old_checkpoints(
+    resumed: tuple[Path, Trace, Trace], teacher_dir: Path, blocks: torch.Tensor
+) -> None:
     out = teacher_dir.parent / "restarted"
-    distill(teacher_dir, out, recipe(), train_blocks=blocks, progress=False, stop_after_steps=4)
-    assert (out / CHECKPOINTS / "checkpoint-4").is_dir()
-    new = recipe(learning_rate=1e-3)
-    distill(teacher_dir, out, new, train_blocks=blocks, progress=False, resume=False, stop_after_steps=1)
-    assert sorted(p.name for p in (out / CHECKPOINTS).iterdir()) == ["checkpoint-1"]  # not rotated out by step 4
-    distill(teacher_dir, out, new, train_blocks=blocks, progress=False, stop_after_steps=2)  # resumes from step 1
-    assert sorted(p.name for p in (out / CHECKPOINTS).iterdir()) == ["checkpoint-2"]
+    shutil.copytree(resumed[0] / CHECKPOINTS, out / CHECKPOINTS)  # another run's checkpoint-6
+    distill(
+        teacher_dir,
+        out,
+        recipe(learning_rate=1e-3),
+        train_blocks=blocks,
+        progress=False,
+        resume=False,
+        stop_after_steps=1,
+    )
+    assert sorted(p.name for p in (out / CHECKPOINTS).iterdir()) == ["checkpoint-1"]  # not rotated out by step 6
 
 
 # A `boomerang distill` that stops inside the save of step KILL_AT, after the weights of that step
