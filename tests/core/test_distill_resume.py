@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from boomerang_core import cli
 from boomerang_core.alignment import StudentSpec
 from boomerang_core.data import token_blocks
 from boomerang_core.distill import CHECKPOINTS, BoomerangTrainer, DistillConfig, distill
@@ -208,7 +209,9 @@ HANG_IN_SAVE = textwrap.dedent(
 KILL_AT = 4
 
 
-def test_distill_killed_mid_checkpoint_resumes_from_the_previous_complete_one(teacher_dir: Path) -> None:
+def test_distill_killed_mid_checkpoint_resumes_from_the_previous_complete_one(
+    teacher_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     corpus = teacher_dir.parent / "corpus.txt"
     corpus.write_text("\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[:30]))
     out, marker = teacher_dir.parent / "killed", teacher_dir.parent / "saving"
@@ -244,11 +247,8 @@ def test_distill_killed_mid_checkpoint_resumes_from_the_previous_complete_one(te
         assert (checkpoints / "checkpoint-2" / name).is_file(), name
     assert StudentSpec.read(checkpoints / "checkpoint-2") == StudentSpec.from_pruning(6, 1, 2, 2)
 
-    resume = subprocess.run(
-        [sys.executable, "-m", "boomerang_core.cli", *argv], cwd=REPO, env=env, capture_output=True, text=True
-    )
-    assert resume.returncode == 0, resume.stdout + resume.stderr
-    assert "resuming from checkpoint-2" in resume.stdout
+    assert cli.main(argv) == 0  # `boomerang distill` again, here in the test's process
+    assert "resuming from checkpoint-2" in capsys.readouterr().out
     assert (out / "model.safetensors").is_file()
     assert sorted(p.name for p in checkpoints.iterdir()) == [f"checkpoint-{STEPS}"]  # staging cleared, one kept
     state = trainer_state(out)
