@@ -199,6 +199,12 @@ def run_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def together(mult: int, rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The runs at one multiplier as one; the offered rate is their mean (their spans do not join)."""
+    offered = [r["offered_per_s"] for r in runs if r["multiplier"] == mult and r["offered_per_s"]]
+    return {**run_stats(rows), "label": f"{mult}x", "multiplier": mult, "offered_per_s": np.mean(offered)}
+
+
 def lost_checks(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Nothing lost: every sent request has an outcome; the server saw the same; usage is right."""
     sent = {r["id"] for r in rows if r["kind"] == "sent"}
@@ -279,7 +285,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     config = {
         "family": family,
         "engines": {"local": {"max_batch_size": args.max_batch, "max_queue": args.max_queue}},
-        "limits": {"max_tokens": 1024},
+        # the router takes default_max_tokens as the length of the requests it queues behind
+        "limits": {"max_tokens": 1024, "default_max_tokens": args.max_tokens},
     }
     gateway = Gateway(config, workdir, args.threads)
     all_rows: list[dict[str, Any]] = []
@@ -293,12 +300,14 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         all_rows += rows
         print(f"capacity of {largest}: {cap:.2f} requests/s ({args.max_tokens} new tokens each)", flush=True)
         runs: list[dict[str, Any]] = []
+        by_mult: dict[int, list[dict[str, Any]]] = {m: [] for m in MULTIPLIERS}
         for round_ in range(1, args.rounds + 1):
             for mult in MULTIPLIERS:
                 label = f"round{round_}-{mult}x"
                 wait_idle(gateway)
                 rows = open_loop(gateway, workdir, label, mult * cap, args, {"LOAD_SIZES": ",".join(sizes)})
                 all_rows += rows
+                by_mult[mult] += rows
                 stats = {"label": label, "round": round_, "multiplier": mult, "target_per_s": mult * cap,
                          **run_stats(rows)}  # fmt: skip
                 runs.append(stats)
@@ -325,6 +334,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},
         "capacity_per_s": cap,
         "runs": runs,
+        "rounds_together": [together(m, rows, runs) for m, rows in by_mult.items()],
         "rss_bytes": rss,
         "rss_round_last_over_first": rss[f"round{args.rounds}"] / rss["round1"],
         "overload": overload,
@@ -416,7 +426,9 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"Machine: {result['machine']['cpus']} CPU cores, shared; load average at the end "
         f"{result['machine']['load_average'][0]:.1f}; server torch threads {s['threads']}. Engine: "
         f"max_batch_size {s['max_batch']}, max_queue {s['max_queue']}. Each request: a short chat prompt, "
-        f"{s['max_tokens']} new tokens (ignore_eos), logprobs on; half streamed with include_usage.",
+        f"{s['max_tokens']} new tokens (ignore_eos), logprobs on; half streamed with include_usage. "
+        f"`limits.default_max_tokens` is {s['max_tokens']} too: the router takes it as the length of the "
+        "requests a new one queues behind.",
         "",
         f"Capacity of the largest size ({result['largest']}), closed loop with {s['max_batch'] * 3 // 2} users: "
         f"**{result['capacity_per_s']:.2f} requests/s**. Open-loop runs of {s['duration']:.0f} s at 1x, 2x, 4x that "
@@ -424,6 +436,10 @@ def markdown(result: dict[str, Any], command: str) -> str:
         "requests of each run; TTFT and ITL from the streamed requests.",
         "",
         *run_table(result["runs"], result["sizes"]),
+        "",
+        f"The {s['rounds']} rounds together (offered/s: the mean of the rounds):",
+        "",
+        *run_table(result["rounds_together"], result["sizes"]),
         "",
         "## Nothing lost (all runs together)",
         "",
