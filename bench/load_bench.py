@@ -225,6 +225,7 @@ def lost_checks(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "server_200": server.get("200", 0),
         "server_429": server.get("429", 0),
         "client_429": sum(r.get("status") == 429 for r in done),
+        "server_other": {k: v for k, v in server.items() if k not in ("200", "429")},
         "usage_mismatches": sum(not r.get("usage_ok") for r in ok),
         "prompt_token_mismatches": sum(r.get("prompt_ok") is False for r in ok),
         "streams_without_done": sum(r["stream"] and not r.get("done") for r in ok),
@@ -240,6 +241,7 @@ def checks_pass(c: dict[str, Any]) -> bool:
         c["without_outcome"] == c["killed"] == c["errored_after_accept"] == 0
         and c["accepted"] == c["completed"] == c["server_200"]
         and c["client_429"] == c["server_429"]
+        and not c["server_other"]
         and c["usage_mismatches"] == c["prompt_token_mismatches"] == c["streams_without_done"] == 0
         and c["errors_not_openai_shaped"] == c["429_without_retry_after"] == 0
     )
@@ -446,6 +448,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"- sent {c['sent']}; without an outcome {c['without_outcome']}; killed by the generator {c['killed']}",
         f"- accepted (200) {c['accepted']} = completed {c['completed']} + errored after acceptance "
         f"{c['errored_after_accept']}; the server counted {c['server_200']} 200s",
+        f"- other statuses counted by the server: {c['server_other'] or 'none'}",
         f"- shed with 429: {c['client_429']} (server counted {c['server_429']}); without Retry-After "
         f"{c['429_without_retry_after']}; errors not OpenAI-shaped {c['errors_not_openai_shaped']}",
         f"- usage.completion_tokens != tokens streamed: {c['usage_mismatches']}; prompt_tokens != the chat "
