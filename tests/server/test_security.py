@@ -223,10 +223,12 @@ def test_health_and_metrics_need_the_key_when_protected(locked: Server) -> None:
 
 
 def test_the_key_never_reaches_the_log(keyed: Server) -> None:
-    """Runs after the tests above, which sent the key and wrong keys many times; these add a 200, a
-    401, a 400 and a stream, then the whole DEBUG log of the process is read."""
+    """Runs after the tests above, which sent the key and wrong keys many times; these add a 200,
+    401s (a wrong key, the key in the query string), a 400 and a stream, then the whole DEBUG log of
+    the process is read."""
     httpx.get(f"{keyed.url}/v1/models", headers=AUTH, timeout=30)
     httpx.get(f"{keyed.url}/v1/models", headers={"Authorization": f"Bearer {WRONG_KEY}"}, timeout=30)
+    httpx.get(f"{keyed.url}/v1/models?api_key={KEY}", timeout=30)  # a key in the URL: uvicorn logged it
     httpx.post(f"{keyed.url}/v1/completions", json={"model": FAMILY}, headers=AUTH, timeout=30)
     body = {"model": FAMILY, "prompt": "x", "max_tokens": 2, "stream": True}
     stream = httpx.post(f"{keyed.url}/v1/completions", json=body, headers=AUTH, timeout=60)
@@ -452,14 +454,14 @@ def test_paths_and_urls_in_a_request_load_and_contact_nothing(
         *(str(d) for d in (other_teacher, other_student)), "/etc/passwd", "../x", "../../teacher", "file:///etc/passwd",
         f"{listener.url}/v1", listener.url, "hf://HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M",
     ]  # fmt: skip
-    routes = [
+    routes: list[tuple[str, dict[str, Any]]] = [
         ("/v1/completions", {"prompt": "x"}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
     ]
     try:
         for name in names:
             for path, extra in routes:
-                base = {"model": FAMILY, "max_tokens": 1, **extra}
+                base: dict[str, Any] = {"model": FAMILY, "max_tokens": 1, **extra}
                 as_model = httpx.post(f"{keyed.url}{path}", json={**base, "model": name}, headers=AUTH, timeout=30)
                 assert_openai_error(as_model, 404, "model_not_found")
                 as_size = httpx.post(f"{keyed.url}{path}", json={**base, "size": name}, headers=AUTH, timeout=30)
