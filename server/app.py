@@ -68,6 +68,7 @@ def create_app(
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type"],
         )
+    app.add_middleware(gateway.drain.guard)  # outermost: counts requests in flight, answers while draining
     return app
 
 
