@@ -139,8 +139,8 @@ def _validation_error(exc: RequestValidationError) -> BadRequest:
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         message, param = "the request body is not valid JSON", ""
-    elif first.get("type") == "model_attributes_type":
-        message = "the request body must be a JSON object"
+    elif first.get("type") in ("model_attributes_type", "model_type", "dict_type"):
+        message = "must be a JSON object" if param else "the request body must be a JSON object"
     more = len(exc.errors()) - 1
     text = f"{param}: {message}" if param else message
     if more:

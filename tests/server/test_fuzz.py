@@ -18,7 +18,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from fastapi.exceptions import RequestValidationError
 
+from server.errors import to_api_error
 from tests.server.conftest import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
 from tests.server.fuzz_checks import error_problem, sse_problem
 from tests.server.live import KEY, REPO, Server, launch, wait_ready
@@ -120,6 +122,19 @@ def test_tiny_temperature_is_greedy_not_an_engine_failure(server: Server, temper
     tiny, greedy = complete(temperature), complete(0.0)
     assert tiny.status_code == 200, tiny.text
     assert tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+
+
+@pytest.mark.parametrize(
+    ("loc", "message"),
+    [
+        (("body",), "the request body must be a JSON object"),
+        (("body", "stream_options"), "stream_options: must be a JSON object"),
+    ],
+)
+def test_a_field_that_is_not_an_object_is_named_as_such(loc: tuple[str, ...], message: str) -> None:
+    """It said "stream_options: the request body must be a JSON object"."""
+    error = to_api_error(RequestValidationError([{"type": "model_attributes_type", "loc": loc, "msg": "m"}]))
+    assert (error.status, error.message) == (400, message)
 
 
 def test_metrics_is_declared_as_text(server: Server) -> None:
