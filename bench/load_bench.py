@@ -27,6 +27,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -488,11 +489,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-queue", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2, help="the server's torch threads")
+    ap.add_argument("--threads", type=int, default=1, help="the server's torch threads (2 stall on a busy 2-core box)")
     ap.add_argument("--budget-factor", type=float, default=1.25, help="budget = this x largest e2e p50 at 1x")
     ap.add_argument("--out", type=Path, help="write OUT.md and OUT.json (default for the demo family: "
                     "bench/results/load_bench)")  # fmt: skip
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the server and locust
     import locust as locust_package
 
     args.locust_version = locust_package.__version__
