@@ -506,7 +506,10 @@ def main() -> None:
     print(f"checks {'pass' if result['checks_pass'] else 'FAIL'}: {json.dumps(result['checks'])}")
     print(f"RSS round {args.rounds} / round 1: {result['rss_round_last_over_first']:.4f}; {result['minutes']:.1f} min")
     if out is not None:
-        command = " ".join(["python bench/load_bench.py", *sys.argv[1:]])
+        flags = [f for f in sys.argv[1:] if not f.startswith("--out")]
+        if "--out" in sys.argv:  # the output path is this machine's business
+            flags.remove(sys.argv[sys.argv.index("--out") + 1])
+        command = " ".join(["python bench/load_bench.py", *flags])
         out.with_suffix(".md").write_text(markdown(result, command))
         out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
         print(f"wrote {out.with_suffix('.md')} and .json")
