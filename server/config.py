@@ -135,8 +135,8 @@ class LimitsConfig(_Section):
 
 
 class AuthConfig(_Section):
-    """Bearer-key auth on ``/v1/*``. ``/health`` and ``/metrics`` follow their own switches (open by
-    default, for probes and scrapers). The environment variable wins over ``api_key``; neither is ever
+    """Bearer-key auth on every path except the API docs; ``/health`` and ``/metrics`` follow their own
+    switches (open by default, for probes and scrapers). The environment variable wins over ``api_key``; neither is ever
     logged or echoed in an error body."""
 
     api_key: SecretStr | None = None
