@@ -309,11 +309,14 @@ class TierPool(Engine):
             self._spawn(self._replace(tier, replica))
 
     async def _replace(self, tier: _Tier, dead: Engine) -> None:
-        """Stop a failed replica and start another in its place (same reservation)."""
+        """Stop a failed replica and start another in its place (same reservation), unless the tier
+        already has its minimum (at least one) running or starting: the scaler adds more under load."""
         self.metrics.restarted(tier.spec.size)
         with contextlib.suppress(Exception):
             await dead.stop()
         await self._notify(tier)
+        if len(tier.replicas) + tier.starting >= max(1, tier.spec.min_replicas):
+            return  # a request waiting for the tier already started one
         try:
             await self._start_replica(tier, reason="restart")
         except Exception:

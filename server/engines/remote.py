@@ -138,14 +138,14 @@ class RemoteEngine(Engine):
             "presence_penalty": p.presence_penalty or None,
             "frequency_penalty": p.frequency_penalty or None,
             "logprobs": p.logprobs,
+            "ignore_eos": p.ignore_eos or None,  # vLLM's extra field, which a boomerang worker takes too
         }
         if self._is_vllm:
-            optional |= {"return_token_ids": True, "stop_token_ids": list(p.stop_token_ids) or None,
-                         "ignore_eos": p.ignore_eos or None}  # fmt: skip
-        elif p.stop_token_ids or p.ignore_eos:
-            raise EngineError("stop_token_ids and ignore_eos need a vLLM worker")
+            optional |= {"return_token_ids": True, "stop_token_ids": list(p.stop_token_ids) or None}
+        elif p.stop_token_ids:
+            raise WorkerBadRequest("stop_token_ids need a vLLM worker", param="stop_token_ids")
         if p.prompt_logprobs is not None:
-            raise EngineError("prompt logprobs (echo) are not served through a remote worker")
+            raise WorkerBadRequest("prompt logprobs (echo) are not served through a remote worker", param="echo")
         body.update({k: v for k, v in optional.items() if v is not None})
         return body
 

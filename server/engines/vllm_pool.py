@@ -194,16 +194,13 @@ class VllmReplica(Engine):
         return self._stream(stream)
 
     def _check_context(self, request: GenerationRequest) -> None:
-        """A 400 for what vLLM would refuse or cut: ``max_model_len`` may be below the model's context,
-        which is what the gateway checks against."""
-        limit, prompt, wanted = self.settings.max_model_len, len(request.prompt_ids), request.sampling.max_tokens
+        """A 400 for a prompt vLLM would refuse: ``max_model_len`` may be below the model's context, which
+        is what the gateway checks against. A longer generation is stopped at the limit (``length``)."""
+        limit, prompt = self.settings.max_model_len, len(request.prompt_ids)
         if prompt >= limit:
-            raise BadRequest(f"the prompt has {prompt} tokens; size {self.size.name} is served with a context of "
-                             f"{limit}", param="prompt", code="context_length_exceeded")  # fmt: skip
-        if prompt + wanted > limit:
             raise BadRequest(
-                f"size {self.size.name} is served with a context of {limit} tokens: the prompt has {prompt} and "
-                f"max_tokens asks for {wanted}", param="max_tokens", code="context_length_exceeded",
+                f"the prompt has {prompt} tokens; size {self.size.name} is served with a context of {limit}",
+                param="prompt", code="context_length_exceeded",
             )  # fmt: skip
 
     async def _stream(self, stream: _Stream) -> AsyncIterator[TokenEvent]:

@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +21,11 @@ import pytest
 
 from tests.server.conftest import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
 from tests.server.live import KEY, PROMPTS, Server, launch, wait_ready
+from tests.server.streams import AUTH, LONG, Stream
 
 pytestmark = pytest.mark.server
-AUTH = {"Authorization": f"Bearer {KEY}"}
 HEADER_TIMEOUT_S = 1.0
 GRACE_S = 0.2
-LONG = 480  # tokens of a long stream (the tiny family's context is 512)
 
 
 def config(dirs: TinyFamilyDirs, tmp: Path, name: str, **sections: Any) -> Path:
@@ -75,62 +72,6 @@ def fleet(tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="module")
 def steady(fleet: dict[str, Server]) -> Server:
     return fleet["steady"]
-
-
-@dataclass
-class Stream:
-    """One streamed completion read in a thread: its text pieces, whether it saw ``[DONE]``, its error event."""
-
-    server: Server
-    max_tokens: int = LONG
-    size: str = "k5"
-    pieces: list[str] = field(default_factory=list)
-    done: bool = False
-    error: dict[str, Any] | None = None
-    failure: BaseException | None = None
-    first: threading.Event = field(default_factory=threading.Event)
-    ended_at: float | None = None
-    finish_reason: str | None = None
-    completion_tokens: int | None = None
-
-    def start(self) -> Stream:
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        return self
-
-    def _run(self) -> None:
-        body = {"model": FAMILY, "prompt": PROMPTS[1], "max_tokens": self.max_tokens, "temperature": 0,
-                "stream": True, "stream_options": {"include_usage": True}, "size": self.size,
-                "ignore_eos": True}  # fmt: skip
-        try:
-            with httpx.stream("POST", f"{self.server.url}/v1/completions", json=body, headers=AUTH,
-                              timeout=120) as response:  # fmt: skip
-                for line in response.iter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[6:]
-                    if data == "[DONE]":
-                        self.done = True
-                        continue
-                    event = json.loads(data)
-                    if "error" in event:
-                        self.error = event["error"]
-                    else:
-                        self.pieces.extend(c["text"] for c in event["choices"])
-                        self.finish_reason = next((c["finish_reason"] for c in event["choices"]), self.finish_reason)
-                        if event.get("usage"):
-                            self.completion_tokens = event["usage"]["completion_tokens"]
-                    self.first.set()
-        except BaseException as exc:
-            self.failure = exc
-        finally:
-            self.ended_at = time.monotonic()
-            self.first.set()
-
-    def join(self) -> Stream:
-        self.thread.join(120)
-        assert not self.thread.is_alive()
-        return self
 
 
 def wait_health(server: Server, status: int, timeout: float = 20) -> httpx.Response:
