@@ -15,8 +15,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     refuse_bad_file(args.config)  # what `config check` fails: refused in a second, before torch or the web stack load
     from server.run import serve
 
-    serve(args.config, args.host, args.port)
-    return 0
+    return serve(args.config, args.host, args.port)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
