@@ -340,9 +340,10 @@ class LocalEngine(Engine):
         try:
             logits = forward_step(parts, works, self._order, self._share)
             self._process(works, plan, logits)
-        except Exception as exc:
+        except Exception:
             log.exception("a local engine step failed")
-            error = EngineError(f"the step serving this request failed: {exc!r}")
+            # the cause goes to the server log only: an error body never carries internals
+            error = EngineError("the engine step serving this request failed; the server log has the cause")
             for owners in plan:
                 for active, _, _ in owners:
                     if not active.done:
