@@ -26,6 +26,7 @@ from tests.server.streams import AUTH, LONG, Stream
 pytestmark = pytest.mark.server
 HEADER_TIMEOUT_S = 1.0
 GRACE_S = 0.2
+MAX_CONNECTIONS = 8
 
 
 def config(dirs: TinyFamilyDirs, tmp: Path, name: str, **sections: Any) -> Path:
@@ -43,8 +44,8 @@ def stop(server: Server) -> None:
 @pytest.fixture(scope="module")
 def fleet(tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
     """Every server of the module, started at once: ``steady`` takes the hostile clients (and a double
-    SIGTERM last), ``limited`` has max_prompt_tokens 40 (then drains), ``cut`` a grace of 0.2 s, and two
-    deploys that cannot be served."""
+    SIGTERM last), ``limited`` has max_prompt_tokens 40 and 8 connections at most (then drains), ``cut``
+    a grace of 0.2 s, and two deploys that cannot be served."""
     tmp = tmp_path_factory.mktemp("faults")
     missing_size = deploy_dict(tiny_dirs)
     missing_size["tiers"].append({"name": "huge", "size": "k99"})
@@ -53,7 +54,11 @@ def fleet(tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory) -
     files = {
         "steady": config(tiny_dirs, tmp, "steady", server={"header_timeout_s": HEADER_TIMEOUT_S}),
         "limited": config(
-            tiny_dirs, tmp, "limited", limits={"max_prompt_tokens": 40}, server={"shutdown_grace_s": 120}
+            tiny_dirs,
+            tmp,
+            "limited",
+            limits={"max_prompt_tokens": 40},
+            server={"shutdown_grace_s": 120, "max_connections": MAX_CONNECTIONS},
         ),
         "cut": config(tiny_dirs, tmp, "cut", server={"shutdown_grace_s": GRACE_S}),
         "missing_size": write_deploy(tmp / "missing_size.yaml", missing_size),
@@ -173,6 +178,25 @@ def test_max_prompt_tokens_below_the_context_is_a_400(fleet: dict[str, Server]) 
         client.chat.completions.create(model=FAMILY, messages=[{"role": "user", "content": words}], max_tokens=4)
     assert chat_error.value.response.json()["error"]["code"] == "context_length_exceeded"
     assert client.completions.create(model=FAMILY, prompt=PROMPTS[0], max_tokens=2).choices
+
+
+def test_connections_above_max_connections_get_503(fleet: dict[str, Server]) -> None:
+    server = fleet["limited"]
+    host, port = "127.0.0.1", int(server.url.rsplit(":", 1)[1])
+    idle = [socket.create_connection((host, port)) for _ in range(MAX_CONNECTIONS)]
+    try:
+        with pytest.raises(openai.APIStatusError) as refused:
+            server.client().completions.create(model=FAMILY, prompt=PROMPTS[0], max_tokens=2)
+        assert refused.value.status_code == 503
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the server notices the closed sockets
+        if httpx.get(f"{server.url}/health", timeout=5).status_code == 200:
+            break
+        time.sleep(0.05)
+    assert server.client().completions.create(model=FAMILY, prompt=PROMPTS[0], max_tokens=2).choices
 
 
 # --- refusing to start half-configured --------------------------------------------------------
