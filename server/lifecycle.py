@@ -251,7 +251,8 @@ def protocol_class(header_timeout_s: float) -> type[asyncio.Protocol]:
 
         def _headers_late(self) -> None:
             self._header_timer = None
-            if self.cycle is self._cycle_at_arm and not self.transport.is_closing():
+            upgraded = self.transport.get_protocol() is not self  # a WebSocket took the connection over
+            if self.cycle is self._cycle_at_arm and not upgraded and not self.transport.is_closing():
                 log.debug("closing a connection that sent no complete request headers in %g s", header_timeout_s)
                 self.transport.close()
 
