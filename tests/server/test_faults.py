@@ -45,7 +45,7 @@ def stop(server: Server) -> None:
 def fleet(tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
     """Every server of the module, started at once: ``steady`` takes the hostile clients (and a double
     SIGTERM last), ``limited`` has max_prompt_tokens 40 and 8 connections at most (then drains), ``cut``
-    a grace of 0.2 s, and two deploys that cannot be served."""
+    a grace of 0.2 s and a keep-alive of 1 s, and two deploys that cannot be served."""
     tmp = tmp_path_factory.mktemp("faults")
     missing_size = deploy_dict(tiny_dirs)
     missing_size["tiers"].append({"name": "huge", "size": "k99"})
@@ -60,7 +60,7 @@ def fleet(tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory) -
             limits={"max_prompt_tokens": 40},
             server={"shutdown_grace_s": 120, "max_connections": MAX_CONNECTIONS},
         ),
-        "cut": config(tiny_dirs, tmp, "cut", server={"shutdown_grace_s": GRACE_S}),
+        "cut": config(tiny_dirs, tmp, "cut", server={"shutdown_grace_s": GRACE_S, "keep_alive_s": 1}),
         "missing_size": write_deploy(tmp / "missing_size.yaml", missing_size),
         "missing_teacher": write_deploy(tmp / "missing_teacher.yaml", missing_teacher),
     }
@@ -137,6 +137,18 @@ def test_slow_readers_and_slowloris_connections_do_not_stop_other_clients(steady
     finally:
         for sock in [*silent, *partial, slow]:
             sock.close()
+
+
+def test_an_idle_kept_alive_connection_is_closed_after_keep_alive_s(fleet: dict[str, Server]) -> None:
+    host, port = "127.0.0.1", int(fleet["cut"].url.rsplit(":", 1)[1])
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b"}"):
+            answer += sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200")
+        sock.settimeout(4)  # uvicorn's own default (5 s) would not close it by then; keep_alive_s (1 s) does
+        assert sock.recv(1024) == b""
 
 
 def test_keep_alive_connections_with_partial_headers_are_closed_too(steady: Server) -> None:
