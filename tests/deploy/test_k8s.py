@@ -136,3 +136,12 @@ def test_pods_are_locked_down(kubectl: str) -> None:
         assert c["securityContext"]["readOnlyRootFilesystem"] and not c["securityContext"]["allowPrivilegeEscalation"]
         assert c["startupProbe"]["httpGet"]["path"] == "/health"
         assert "memory" in c["resources"]["requests"] and "memory" in c["resources"]["limits"]
+
+
+def test_kubernetes_waits_for_the_drain(kubectl: str) -> None:
+    """Kubernetes sends SIGTERM, then SIGKILL after terminationGracePeriodSeconds: that must outlast
+    the gateway's own drain (server.shutdown_grace_s) or in-flight requests are killed mid-stream."""
+    for deployment in docs("Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        grace = mounted_config(deployment).server.shutdown_grace_s
+        assert pod["terminationGracePeriodSeconds"] >= grace + 10, deployment["metadata"]["name"]
