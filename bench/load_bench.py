@@ -361,6 +361,10 @@ def overload_stats(
         "p95_e2e_ms_served": pct(e2e, 95),
         "p50_e2e_ms_served": pct(e2e, 50),
         "within_budget": sum(v <= budget for v in e2e) / len(e2e) if e2e else None,
+        "predicted_ms_p50": pct([r["predicted_ms"] for r in ok if r.get("predicted_ms") is not None], 50),
+        "actual_over_predicted_p50": pct(
+            [r["e2e_s"] * 1e3 / r["predicted_ms"] for r in ok if r.get("predicted_ms")], 50
+        ),
         "moved": sum(r.get("served") != largest for r in ok) / len(done),
         "at_largest": sum(r.get("served") == largest for r in ok) / len(done),
         "shed": sum(r["outcome"] == "shed" for r in done) / len(done),
@@ -476,6 +480,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"- moved to a smaller size: **{o['moved']:.1%}**; served at the largest: {o['at_largest']:.1%}; "
         f"shed with 429: **{o['shed']:.1%}** {o['shed_codes'] or ''}; failed: {o['failed']:.1%}",
         f"- served by size: {o['served']}; route reasons: {o['reasons']}",
+        f"- the router's predicted latency of the served requests (header `x-boomerang-predicted-ms`): p50 "
+        f"{_ms(o.get('predicted_ms_p50'))} ms; actual / predicted, p50: {o.get('actual_over_predicted_p50') or 0:.2f}",
         "",
     ]
     return "\n".join(lines)
