@@ -1,7 +1,7 @@
 """The searched Pareto front of the demo family against ShortGPT, the fixed patch orders and the
 undistilled baseline, at every layer count from the student's to the teacher's.
 
-    .venv/bin/python bench/demo_front.py [--student DIR] [--heldout-blocks 8] [--k-best 4] [--threads 1]
+    .venv/bin/python bench/demo_front.py [--student DIR] [--heldout-blocks 8] [--k-best 2] [--install] [--threads 1]
 
 Writes ``bench/results/demo_front.md`` and ``.png`` and the front as a family
 (``bench/results/demo_front_family/family.json``). Calibration text (the search) and held-out
@@ -28,7 +28,16 @@ import torch
 from boomerang_core.assemble import build
 from boomerang_core.baselines import undistilled_plan
 from boomerang_core.data import corpus_texts, token_blocks
-from boomerang_core.demo import DEMO_NAME, demo_dir
+from boomerang_core.demo import (
+    CALIB_BLOCKS,
+    DEMO_NAME,
+    SEARCH_CALIB_BLOCKS,
+    SEARCH_K_BEST,
+    demo_dir,
+    demo_family_from_search,
+    search_seeds,
+)
+from boomerang_core.distill import RECIPE_FILE
 from boomerang_core.family import FAMILY_FILE, Family
 from boomerang_core.klpatch import klpatch_order
 from boomerang_core.plan import SizePlan, enumerate_plans, patch_order, plan_for_patched
@@ -44,10 +53,12 @@ ORDERS = ("last", "first", "klpatch")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--student", type=Path, default=None, help="student directory (default: the demo cache's)")
-    ap.add_argument("--calib-blocks", type=int, default=4, help="calibration blocks of --seq-len tokens")
+    ap.add_argument(
+        "--calib-blocks", type=int, default=SEARCH_CALIB_BLOCKS, help="calibration blocks of --seq-len tokens"
+    )
     ap.add_argument("--heldout-blocks", type=int, default=8, help="held-out blocks of --seq-len tokens")
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--k-best", type=int, default=4, help="DP paths per layer count scored by the true KL")
+    ap.add_argument("--k-best", type=int, default=SEARCH_K_BEST, help="DP paths per layer count scored by the true KL")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", type=Path, default=RESULTS / "demo_front")
     ap.add_argument("--skip-klpatch", action="store_true", help="no KL order unless the student's family.json has one")
@@ -56,6 +67,12 @@ def main() -> None:
         action="store_true",
         help="with --skip-klpatch: look for the family.json KL order again after the search and score it then "
         "(on held-out text only; it is then not a seed of the search)",
+    )
+    ap.add_argument(
+        "--install",
+        action="store_true",
+        help="save the front as the served demo family (the student's family.json), exactly as the demo's own "
+        "first-run search would, so serving does not search again",
     )
     ap.add_argument(
         "--baselines-only",
@@ -88,14 +105,15 @@ def main() -> None:
     clock = time.perf_counter()
     kl_order, kl_source = saved_kl_order(student_dir)
     if kl_order is None and not a.skip_klpatch:
-        kl_order, kl_source = klpatch_order(store, calib_ids), "searched here"
+        kl_order, kl_source = klpatch_order(store, calib_ids[:CALIB_BLOCKS]), "searched here"
     klpatch_s = time.perf_counter() - clock
     if kl_order is not None:
         orders["klpatch"] = enumerate_plans(spec, kl_order, origin="klpatch")
-    seeds = [p for plans in orders.values() for p in plans]
-    # The student with any one block patched: the first step of every patch order, where the DP's
-    # proposals (teacher layers with many dropped) are weakest.
-    seeds += [plan_for_patched(spec, [b], origin="one-block") for b in range(spec.num_student_layers)]
+    if kl_order is not None:  # exactly the seeds the demo family's own search uses
+        seeds = search_seeds(spec, kl_order)
+    else:
+        seeds = [p for plans in orders.values() for p in plans]
+        seeds += [plan_for_patched(spec, [b], origin="one-block") for b in range(spec.num_student_layers)]
 
     clock = time.perf_counter()
     result = search(store, calib_ids, k_best=a.k_best, seeds=seeds, progress=True)
@@ -125,6 +143,16 @@ def main() -> None:
     rows = table_rows(family, ppl, shortgpt, orders, undistilled, lo, hi)
     timing = {"klpatch": klpatch_s, "search": search_s, "heldout": heldout_s, **result.seconds}
     md = report(family, result, rows, memory, timing, tokens, a, kl_order, kl_source, saved)
+    if a.install:
+        if kl_order is None:
+            raise SystemExit("--install needs the KL order (drop --skip-klpatch)")
+        served = demo_family_from_search(store, result, kl_order, tokens["calib"])
+        recipe = student_dir / RECIPE_FILE
+        if recipe.is_file():
+            served.info["recipe"] = json.loads(recipe.read_text())
+        served.save(student_dir)
+        print(f"installed the front as the served demo family in {student_dir}", flush=True)
+    md += served_check(student_dir, family)
     a.out.with_suffix(".md").write_text(md)
     plot(rows, a.out.with_suffix(".png"))
     print(md)
@@ -256,10 +284,10 @@ def report(
         "",
         "Held-out perplexity (token level, Python-docs held-out split, "
         f"{tokens['heldout']:,} tokens) at every layer count from the student's to the teacher's. "
-        f"**front**: the lowest-KL plan the search found at that count (calibration split, {tokens['calib']:,} "
-        "tokens, disjoint from the held-out text); **ShortGPT**: the teacher with its lowest block-influence "
-        "layers dropped; **last / first / KL**: the best size of that fixed patch order with that many layers; "
-        "**undistilled**: the `last` order's plans on the pruned, not distilled student.",
+        f"**front**: the plan with the lowest calibration NLL the search found at that count (calibration split, "
+        f"{tokens['calib']:,} tokens, disjoint from the held-out text); **ShortGPT**: the teacher with its lowest "
+        "block-influence layers dropped; **last / first / KL**: the best size of that fixed patch order with that "
+        "many layers; **undistilled**: the `last` order's plans on the pruned, not distilled student.",
         "",
         "| " + " | ".join(cols) + " | student layers | plan from | dominated |",
         "|" + " --- |" * (len(cols) + 3),
@@ -293,6 +321,24 @@ def report(
         f"Command: `.venv/bin/python bench/demo_front.py {command_flags(a)}`",
     ]
     return "\n".join(lines) + "\n"
+
+
+def served_check(student_dir: Path, front: Family) -> str:
+    """Whether the family the gateway serves (the student's family.json) is this front: same plan
+    at every layer count, and which of its sizes it marks dominated (by calibration perplexity)."""
+    path = student_dir / FAMILY_FILE
+    served = json.loads(path.read_text()) if path.is_file() else None
+    if served is None or served.get("order") != "search":
+        return "\nThe served demo family is not a searched front (no `family.json` of order `search`).\n"
+    plans = {SizePlan.from_dict(s["plan"]).describe(): s for s in served["sizes"]}
+    same = [s.name for s in front.sizes if s.plan.describe() in plans]
+    dominated = [s["name"] for s in served["sizes"] if s.get("dominated")]
+    verdict = "yes" if len(same) == len(front.sizes) == len(plans) else f"NO: only {same} match"
+    return (
+        f"\nThe served demo family (`family.json` in the cache, searched by `boomerang_core.demo`) has the same plan "
+        f"at every layer count as this front: {verdict}. It marks {dominated or 'no size'} dominated (by calibration "
+        "perplexity) and routes only to the rest.\n"
+    )
 
 
 def command_flags(a: argparse.Namespace) -> str:

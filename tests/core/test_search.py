@@ -127,12 +127,18 @@ def test_search_finds_the_brute_force_best(store: LayerStore) -> None:
     for path in paths:
         plan = path_plan(path)
         best[plan.num_layers] = min(best.get(plan.num_layers, math.inf), kl_by_build(plan, store, ids, t))
-    result = search(store, ids, min_layers=1, k_best=10**6, progress=False)
+    result = search(store, ids, min_layers=1, k_best=10**6, select="kl", progress=False)
     assert len(result.candidates) == len(paths)  # exhaustive: ShortGPT's plans are among the paths
     assert [p.num_layers for p in result.plans] == list(range(1, LAYERS + 1))
     for plan in result.plans:
         assert kl_by_build(plan, store, ids, t) <= best[plan.num_layers] * (1 + 1e-3) + 1e-6, plan.describe()
     assert result.plans[-1].layers == teacher_plan(LAYERS).layers
+    # the default choice: the lowest next-token NLL at each count, among the very same candidates
+    by_nll = search(store, ids, min_layers=1, k_best=10**6, progress=False)
+    lowest = {n: min(c.nll for c in cands) for n, cands in by_nll.by_layers().items()}
+    assert {p.num_layers: p.meta["calib_nll"] for p in by_nll.plans} == lowest
+    for plan in by_nll.plans:
+        assert math.exp(plan.meta["calib_nll"]) == pytest.approx(perplexity(build(plan, store), ids), rel=1e-4)
 
 
 def test_front_plans_match_copied_layers_and_reload(

@@ -1,0 +1,87 @@
+"""The demo serves the searched Pareto front: built by the same code path as the first run, on a
+tiny teacher/student pair written like the demo cache, and never worse than any plan it was
+seeded with or than ShortGPT at the same layer count."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from boomerang_core import demo
+from boomerang_core.family import FAMILY_FILE, Family
+from boomerang_core.plan_eval import plan_key, score_plans, teacher_pass
+from boomerang_core.search import edge_costs, shortgpt_plan
+from boomerang_core.store import LayerStore
+from tests.tiny import write_pair
+
+LAYERS = 6
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A demo cache (teacher/ and student/) holding a tiny pair instead of SmolLM2."""
+    root = tmp_path_factory.mktemp("cache")
+    write_pair(root / demo.DEMO_NAME, layers=LAYERS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def family(cache: Path) -> Family:
+    torch.set_num_threads(1)
+    student = demo.ensure_demo(cache, progress=False)  # the teacher and student exist: only the search runs
+    return Family.load(student, LayerStore.load(student.parent / "teacher", student))
+
+
+def test_served_sizes_are_the_front_one_per_layer_count(family: Family) -> None:
+    assert family.order == "search"
+    assert family.info["demo_family_version"] == demo.DEMO_FAMILY_VERSION
+    spec = family.store.spec
+    assert spec is not None
+    counts = [s.num_layers for s in family.sizes]
+    assert counts == list(range(spec.num_student_layers, LAYERS + 1))
+    assert [s.name for s in family.sizes] == [f"l{c}" for c in counts]
+    nlls = [s.plan.meta["calib_nll"] for s in family.sizes]
+    for size, nll in zip(family.sizes, nlls, strict=True):  # served sizes get strictly better
+        smaller = [k for s, k in zip(family.sizes, nlls, strict=True) if s.num_layers < size.num_layers]
+        assert size.dominated == any(k <= nll for k in smaller), size.name
+    served = [s for s in family.sizes if not s.dominated]
+    assert served[0].num_layers == spec.num_student_layers  # nothing is smaller, so it is never dominated
+    assert {s.name for s in family.servable} == {s.name for s in served}
+
+
+def test_front_is_never_worse_than_its_seeds_or_shortgpt(family: Family) -> None:
+    """Independently scored: at each layer count, the front's calibration NLL is at most that of every
+    seed plan (KL, last and first orders, one-block patchings) and of ShortGPT with that many layers."""
+    store = family.store
+    assert store.spec is not None
+    calib = demo.calibration_blocks(store)
+    teacher = teacher_pass(store, calib)
+    shortgpt = [shortgpt_plan(edge_costs(store, teacher).skip, c) for c in range(store.spec.num_student_layers, LAYERS)]
+    rivals = [*demo.search_seeds(store.spec, family.info["patch_order"]), *shortgpt]
+    rivals = list({plan_key(p): p for p in rivals}.values())
+    assert family.info["search"]["plans_scored"] >= len(rivals)  # the seeds were scored, not only the DP's picks
+    front = [s.plan for s in family.sizes]
+    scores = score_plans(store, [*front, *rivals], teacher=teacher)
+    best = {p.num_layers: s.nll for p, s in zip(front, scores, strict=False)}
+    for plan, score in zip(rivals, scores[len(front) :], strict=True):
+        assert best[plan.num_layers] <= score.nll + 1e-6, (plan.describe(), plan.origin)
+    for size, score in zip(family.sizes, scores, strict=False):  # the saved scores are the measured ones
+        assert size.plan.meta["calib_nll"] == pytest.approx(score.nll, rel=1e-4, abs=1e-6)
+        assert size.plan.meta["calib_kl"] == pytest.approx(score.kl, rel=1e-4, abs=1e-6)
+
+
+def test_stale_family_is_searched_again(cache: Path, family: Family) -> None:
+    """A family.json from before the front (no version) is replaced on the next start; a current one
+    is reused as is."""
+    student = cache / demo.DEMO_NAME / "student"
+    saved = (student / FAMILY_FILE).read_text()
+    assert demo.ensure_demo(cache, progress=False) == student
+    assert (student / FAMILY_FILE).read_text() == saved  # current: not searched again
+    old = Family.from_store(demo.DEMO_NAME, family.store, order="last")
+    old.save(student)
+    assert json.loads((student / FAMILY_FILE).read_text())["order"] == "last"
+    demo.ensure_demo(cache, progress=False)
+    assert json.loads((student / FAMILY_FILE).read_text())["order"] == "search"
