@@ -11,7 +11,6 @@ never chosen by budget or SLO; a client may still name one that the config loads
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -152,8 +151,11 @@ class Router:
         prefill_tps = load.prefill_tokens_per_s or cfg.prior_flops_per_s / (2 * size.params)
         queue_s = waiting * prompt_tokens / prefill_tps  # prompts queued before ours, about as long
         over = running + waiting + n - self.max_batch_size
-        if over > 0:  # wait for enough running requests to finish, about half their tokens each
-            queue_s += math.ceil(over / self.max_batch_size) * (self.typical_tokens / 2) * step
+        if over > 0:
+            # A full batch frees a slot every typical_tokens / max_batch_size steps (its requests are
+            # staggered over their lengths, and each admitted one holds its slot for a whole length),
+            # so the over-th slot to free comes after (over - 1/2) of those intervals.
+            queue_s += self.typical_tokens * (over - 0.5) / self.max_batch_size * step
         return Prediction(
             size=size,
             queue_ms=queue_s * 1e3,

@@ -4,7 +4,8 @@ Found by ``bench/load_bench.py`` (bench/results/load_bench.md): at 2x capacity w
 every request was routed as meeting it, yet p95 was 30% over. ``Router.predict`` counts each
 batch-sized wave of requests ahead as ``typical_tokens / 2`` decode steps: right for the running
 batch (half done on average), but a wave that has not started takes ``typical_tokens`` steps.
-Kept as a strict xfail until ``server/routing.py`` is fixed; it then passes and must lose the mark.
+``Router.predict`` now counts the slots a full batch frees one by one (every ``typical_tokens /
+max_batch_size`` steps), which matches this schedule.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ def schedule_wait_steps(running: int, waiting: int) -> float:
     return frees[0]
 
 
-@pytest.mark.xfail(strict=True, reason="Router.predict counts every queued wave as half a request long")
 @pytest.mark.parametrize("waiting", [16, 24, 32])
 def test_queue_wait_of_several_waves_is_not_underestimated(family: Family, waiting: int) -> None:
     sizes = ("k0", "k3", "k4", "k5")
