@@ -1,6 +1,6 @@
 """The router's queue wait against continuous batching, when more than one batch of requests waits.
 
-Found by ``bench/load_bench.py`` (bench/results/load_bench.md): at 2x capacity with a latency budget
+Found by ``bench/load_bench.py`` (bench/results/load_bench_degrade.md): at 2x capacity with a latency budget
 every request was routed as meeting it, yet p95 was 30% over. ``Router.predict`` counts each
 batch-sized wave of requests ahead as ``typical_tokens / 2`` decode steps: right for the running
 batch (half done on average), but a wave that has not started takes ``typical_tokens`` steps.
