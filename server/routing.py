@@ -11,6 +11,7 @@ never chosen by budget or SLO; a client may still name one that the config loads
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -41,6 +42,8 @@ class Prediction:
     decode_ms: float
     memory_gb: float  # weights of the size, 1 GB = 1e9 bytes
     load: SizeLoad
+    correction: float = 1.0  # the engine's measured actual / predicted, already applied to the times above
+    max_tokens: int = 0
 
     @property
     def latency_ms(self) -> float:
@@ -63,7 +66,11 @@ class Decision:
 
 
 class Router:
-    """Reads live load through ``engines`` (size name -> engine serving it); owns no state of its own."""
+    """Reads live load through ``engines`` (size name -> engine serving it). Its only state is one
+    correction per engine: how far the model's predictions have been off on the requests it served."""
+
+    CORRECTION_WEIGHT = 0.1  # EWMA weight of each finished request, in log space
+    CORRECTION_RANGE = (0.5, 4.0)
 
     def __init__(
         self,
@@ -83,6 +90,7 @@ class Router:
         self.max_batch_size = max_batch_size
         self.typical_tokens = typical_tokens
         self.on_decision = on_decision or (lambda size, reason: None)
+        self._log_correction: dict[int, float] = {}  # id(engine) -> EWMA of log(actual / predicted)
 
     # --- names --------------------------------------------------------------------------------
 
@@ -156,14 +164,42 @@ class Router:
             # staggered over their lengths, and each admitted one holds its slot for a whole length),
             # so the over-th slot to free comes after (over - 1/2) of those intervals.
             queue_s += self.typical_tokens * (over - 0.5) / self.max_batch_size * step
+        c = self.correction(engine)
         return Prediction(
             size=size,
-            queue_ms=queue_s * 1e3,
-            prefill_ms=n * prompt_tokens / prefill_tps * 1e3,
-            decode_ms=max_tokens * step_after * 1e3,
+            queue_ms=queue_s * 1e3 * c,
+            prefill_ms=n * prompt_tokens / prefill_tps * 1e3 * c,
+            decode_ms=max_tokens * step_after * 1e3 * c,
             memory_gb=size.bytes / 1e9,
             load=SizeLoad(running, waiting, load.prefill_tokens_per_s, load.decode_step_s),
+            correction=c,
+            max_tokens=max_tokens,
         )
+
+    def correction(self, engine: Engine | None) -> float:
+        """Measured actual / predicted latency of the requests this engine finished (1 before any)."""
+        return math.exp(self._log_correction.get(id(engine), 0.0)) if engine is not None else 1.0
+
+    def observe(self, decision: Decision, completion_tokens: int, actual_ms: float) -> None:
+        """A request routed by ``decision`` finished in ``actual_ms`` with ``completion_tokens`` tokens.
+
+        The model's queue and decode terms leave out what it cannot see (prefill of requests admitted
+        later, engine overhead per step, a busy machine); this closes the loop on the engine's own
+        record, as an EWMA of actual / predicted in log space. The prediction is taken for the tokens
+        really generated (a reply that ended early is not counted as a fast one)."""
+        engine = self.engines.get(decision.size.name)
+        p = decision.prediction
+        if engine is None or actual_ms <= 0:
+            return
+        per_token = p.decode_ms / p.max_tokens if p.max_tokens else 0.0
+        predicted = (p.queue_ms + p.prefill_ms + per_token * completion_tokens) / p.correction
+        if predicted <= 0:
+            return
+        lo, hi = self.CORRECTION_RANGE
+        ratio = min(max(actual_ms / predicted, lo), hi)
+        old = self._log_correction.get(id(engine), 0.0)
+        new = (1 - self.CORRECTION_WEIGHT) * old + self.CORRECTION_WEIGHT * math.log(ratio)
+        self._log_correction[id(engine)] = min(max(new, math.log(lo)), math.log(hi))
 
     # --- choice -------------------------------------------------------------------------------
 

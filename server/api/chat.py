@@ -229,7 +229,7 @@ async def serve_chat(body: ChatCompletionRequest, request: Request, gateway: Gat
     routed = route(request, gateway, body, [prompt], max_tokens, "chatcmpl")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     fanout = Fanout(routed.engine, routed.requests([prompt], body.sampling(max_tokens, logprobs), body.n),
-                    gateway.metrics)  # fmt: skip
+                    gateway.metrics, routed.observe)  # fmt: skip
     await fanout.start()
     size = routed.size.name
     if body.stream:

@@ -16,7 +16,7 @@ from boomerang_core.family import Family, FamilySize
 from server.engines.base import Engine, GenerationRequest, SamplingParams
 from server.errors import BadRequest
 from server.gateway import Gateway
-from server.routing import Decision, RouteRequest
+from server.routing import Decision, Router, RouteRequest
 
 # Known OpenAI fields this server cannot honour: a 400 naming the field, never a silent ignore.
 UNSUPPORTED = {
@@ -147,6 +147,12 @@ class Routed:
     served_as: str  # "family:size", the body's `model`
     request_id: str
     created: int
+    router: Router | None = None
+
+    def observe(self, completion_tokens: int, e2e_ms: float) -> None:
+        """A choice finished: the router learns how far its prediction was off on this engine."""
+        if self.router is not None:
+            self.router.observe(self.decision, completion_tokens, e2e_ms)
 
     @property
     def size(self) -> FamilySize:
@@ -238,6 +244,7 @@ def route(
         served_as=gateway.served_name(decision.size),
         request_id=f"{prefix}-{uuid.uuid4().hex}",
         created=int(time.time()),
+        router=router,
     )
 
 

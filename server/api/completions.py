@@ -236,7 +236,7 @@ async def serve_completion(body: CompletionRequest, request: Request, gateway: G
     routed = route(request, gateway, body, ids, max_tokens, "cmpl")
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
     sampling = body.sampling(max_tokens, body.logprobs, prompt_logprobs)
-    fanout = Fanout(routed.engine, routed.requests(ids, sampling, body.n), gateway.metrics)
+    fanout = Fanout(routed.engine, routed.requests(ids, sampling, body.n), gateway.metrics, routed.observe)
     await fanout.start()
     formatter = Formatter(routed, body, prompts, gateway.tokenizer)
     size = routed.size.name

@@ -73,10 +73,18 @@ class Choice:
 
 
 class Fanout:
-    def __init__(self, engine: Engine, requests: list[GenerationRequest], metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        requests: list[GenerationRequest],
+        metrics: GatewayMetrics,
+        on_done: Callable[[int, float], None] | None = None,
+    ) -> None:
+        """``on_done(completion_tokens, e2e_ms)`` is called as each choice completes."""
         self.engine = engine
         self.size = requests[0].size
         self.metrics = metrics
+        self.on_done = on_done
         now = time.perf_counter()
         self.choices = [Choice(i, r, now) for i, r in enumerate(requests)]
         # (choice index, event | _END | exception, arrival time)
@@ -147,6 +155,8 @@ class Fanout:
             token_gaps_s=c.gaps,
             queue_s=c.queue_s,
         )
+        if self.on_done is not None:
+            self.on_done(c.completion_tokens, (end - c.started) * 1e3)
 
     async def close(self) -> None:
         """Abort what is still running. Safe to call twice; shielded from the caller's cancellation."""

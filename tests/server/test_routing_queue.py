@@ -18,7 +18,7 @@ from boomerang_core.family import Family
 from server.config import RoutingConfig, parse_config
 from server.engines.base import Engine, SizeLoad
 from server.gateway import load_family
-from server.routing import Router
+from server.routing import Router, RouteRequest
 from tests.server.conftest import TinyFamilyDirs, deploy_dict
 from tests.server.fakes import ScriptedEngine
 
@@ -67,3 +67,33 @@ def test_one_wave_ahead_is_estimated_within_a_fifth(family: Family) -> None:
     predicted_s = router.predict(family.by_name("k5"), prompt_tokens=8, max_tokens=TYPICAL).queue_ms / 1e3
     expected_s = schedule_wait_steps(BATCH, BATCH) * STEP_S
     assert 0.8 * expected_s <= predicted_s <= 1.25 * expected_s, (predicted_s, expected_s)
+
+
+def test_measured_latency_corrects_the_predictions_of_its_engine(family: Family) -> None:
+    """Requests that take twice their prediction pull the engine's predictions up towards 2x (an
+    EWMA, clamped); a reply that stopped early is judged against the tokens it really generated;
+    another engine's predictions are untouched."""
+    sizes = ("k0", "k3", "k4", "k5")
+    slow, other = ScriptedEngine(family, sizes[:2]), ScriptedEngine(family, sizes[2:])
+    for engine in (slow, other):
+        engine.loads = {s: SizeLoad(prefill_tokens_per_s=1e4, decode_step_s=STEP_S) for s in engine.sizes}
+    engines = {s: (slow if s in sizes[:2] else other) for s in sizes}
+    router = Router(family, {s: s for s in sizes}, dict[str, Engine](engines), RoutingConfig(), max_batch_size=BATCH,
+                    typical_tokens=TYPICAL)  # fmt: skip
+    k0, k5 = family.by_name("k0"), family.by_name("k5")
+    base_k0 = router.predict(k0, prompt_tokens=8, max_tokens=TYPICAL).latency_ms
+    base_k5 = router.predict(k5, prompt_tokens=8, max_tokens=TYPICAL).latency_ms
+    for _ in range(60):
+        decision = router.choose(RouteRequest(size="k0", max_latency_ms=None, max_memory_gb=None, prompt_tokens=8,
+                                              max_tokens=TYPICAL))  # fmt: skip
+        # half the tokens (stopped early) in the time the prediction gave for half the tokens, x2
+        p = decision.prediction
+        half = (p.queue_ms + p.prefill_ms + p.decode_ms / 2) / p.correction
+        router.observe(decision, TYPICAL // 2, 2 * half)
+    assert router.predict(k0, prompt_tokens=8, max_tokens=TYPICAL).latency_ms == pytest.approx(2 * base_k0, rel=0.02)
+    assert router.predict(k5, prompt_tokens=8, max_tokens=TYPICAL).latency_ms == pytest.approx(base_k5)
+    for _ in range(200):  # far slower than any prediction: clamped at 4x
+        decision = router.choose(RouteRequest(size="k0", max_latency_ms=None, max_memory_gb=None, prompt_tokens=8,
+                                              max_tokens=TYPICAL))  # fmt: skip
+        router.observe(decision, TYPICAL, 1e9)
+    assert router.correction(slow) == pytest.approx(4.0)
