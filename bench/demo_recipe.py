@@ -159,8 +159,8 @@ def write_table(results: dict[str, Any], a: argparse.Namespace, path: Path) -> N
     lines = [
         "# Demo recipe: one change at a time",
         "",
-        f"Every variant is the earlier demo recipe (`base`) at {a.tokens:,} training tokens with ONE change, distilled from "
-        "scratch on the built-in corpus. Held-out perplexity on "
+        f"Every variant is the earlier demo recipe (`base`) at {a.tokens:,} training tokens with ONE change, "
+        "distilled from scratch on the built-in corpus. Held-out perplexity on "
         f"{a.heldout_blocks * 256:,} tokens of the held-out split. **curve**: geometric mean over one `last`-order "
         "size per layer count, student to teacher (a student with more layers starts its curve higher up: compare "
         "the middle column, the same layer count for every variant, too). Lower is better; the deltas are against "
