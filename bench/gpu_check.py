@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import time
 
 import torch
@@ -23,6 +22,7 @@ from tokenizers import Tokenizer, models
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 from boomerang_core.alignment import StudentSpec
+from boomerang_core.distill import prune_student
 from boomerang_core.family import Family
 from boomerang_core.store import LayerStore
 from server.engines.base import GenerationRequest, SamplingParams
@@ -50,12 +50,7 @@ def random_family(tiny: bool, device: str, dtype: torch.dtype) -> Family:
     config = demo_config(tiny)
     teacher: PreTrainedModel = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
     spec = StudentSpec.from_pruning(config.num_hidden_layers)
-    student = copy.deepcopy(teacher)
-    student.model.layers = torch.nn.ModuleList(
-        copy.deepcopy(teacher.model.layers[i]) for i in spec.copied_teacher_layers
-    )
-    student.config = copy.deepcopy(config)
-    student.config.num_hidden_layers = spec.num_student_layers
+    student = prune_student(teacher, spec).requires_grad_(False).eval()
     with torch.no_grad():  # distinct student weights, as after distillation
         for p in student.model.layers.parameters():
             p.add_(torch.randn_like(p) * 1e-3)

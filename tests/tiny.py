@@ -122,3 +122,18 @@ def write_pair(
         tok.save_pretrained(path)
     spec.write(s_dir)
     return t_dir, s_dir
+
+
+def write_teacher(path: Path, arch: str = "llama", layers: int = 6) -> Path:
+    """A tiny teacher with its tokenizer saved as an HF directory (what ``boomerang distill`` reads)."""
+    tiny_teacher(arch, layers).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def training_blocks(seq_len: int = 32, max_blocks: int = 8) -> torch.Tensor:
+    """Token blocks from the first 20 Python topic docs (sorted by name): tiny training data."""
+    from boomerang_core.data import token_blocks
+
+    texts = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[:20]]
+    return token_blocks(tiny_tokenizer(), texts, seq_len, max_blocks=max_blocks)

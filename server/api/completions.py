@@ -60,9 +60,7 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReason | None
 
 
-class Completion(BaseModel):
-    """The whole reply (documents the body; :class:`Formatter` builds it)."""
-
+class _CompletionBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str
     object: Literal["text_completion"]
@@ -70,19 +68,17 @@ class Completion(BaseModel):
     model: str
     system_fingerprint: None
     choices: list[CompletionChoice]
+
+
+class Completion(_CompletionBody):
+    """The whole reply (documents the body; :class:`Formatter` builds it)."""
+
     usage: Usage
 
 
-class CompletionChunk(BaseModel):
+class CompletionChunk(_CompletionBody):
     """One streamed event (documents it; :meth:`Formatter.chunks` builds it)."""
 
-    model_config = ConfigDict(extra="forbid")
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    system_fingerprint: None
-    choices: list[CompletionChoice]
     usage: Usage | None = None
 
 

@@ -11,29 +11,22 @@ import torch
 from safetensors.torch import load_file
 
 from boomerang_core.alignment import StudentSpec
-from boomerang_core.data import token_blocks
 from boomerang_core.distill import CHECKPOINTS, DistillConfig, distill, kl_teacher_student, prune_student
 from boomerang_core.errors import BoomerangError, ModelNotFound, RecipeError
 from boomerang_core.store import LayerStore
-from tests.tiny import tiny_teacher, tiny_tokenizer
+from tests.tiny import tiny_teacher, training_blocks, write_teacher
 
 STEPS = 6
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("distill") / "teacher"
-    tiny_teacher("llama", 6).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return write_teacher(tmp_path_factory.mktemp("distill") / "teacher")
 
 
 @pytest.fixture(scope="module")
 def blocks() -> torch.Tensor:
-    import pydoc_data.topics
-
-    texts = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[:20]]
-    return token_blocks(tiny_tokenizer(), texts, 32, max_blocks=8)  # (8, 32)
+    return training_blocks()  # (8, 32)
 
 
 def recipe(**overrides: object) -> DistillConfig:

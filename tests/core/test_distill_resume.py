@@ -25,10 +25,9 @@ from transformers import TrainerCallback
 
 from boomerang_core import cli
 from boomerang_core.alignment import StudentSpec
-from boomerang_core.data import token_blocks
 from boomerang_core.distill import CHECKPOINTS, BoomerangTrainer, DistillConfig, distill
 from boomerang_core.errors import RecipeError
-from tests.tiny import tiny_teacher, tiny_tokenizer
+from tests.tiny import training_blocks, write_teacher
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 6  # optimizer steps of the whole recipe
@@ -70,16 +69,12 @@ class CountOptimizerSteps(TrainerCallback):
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("resume") / "teacher"
-    tiny_teacher("llama", 6).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return write_teacher(tmp_path_factory.mktemp("resume") / "teacher")
 
 
 @pytest.fixture(scope="module")
 def blocks() -> torch.Tensor:
-    texts = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[:20]]
-    blocks = token_blocks(tiny_tokenizer(), texts, 32, max_blocks=8)  # (8, 32)
+    blocks = training_blocks()  # (8, 32)
     assert len({tuple(row) for row in blocks.tolist()}) == len(blocks)  # each block identifiable
     return blocks
 

@@ -59,6 +59,18 @@ def launch(config: Path, log: Path) -> Server:
     return Server(f"http://127.0.0.1:{port}", proc, log)
 
 
+def stop(*servers: Server, timeout: float = 20) -> None:
+    """Terminate every server still running, then wait for each (killed after ``timeout`` s)."""
+    for server in servers:
+        if server.proc.poll() is None:
+            server.proc.terminate()
+    for server in servers:
+        try:
+            server.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+
+
 def wait_ready(server: Server, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from tests.server.conftest import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
-from tests.server.live import KEY, PROMPTS, REPO, Server, free_port, wait_ready
+from tests.server.live import KEY, PROMPTS, REPO, Server, free_port, stop, wait_ready
 from tests.server.streams import Stream
 
 pytestmark = [pytest.mark.server, pytest.mark.vllm]
@@ -71,14 +71,7 @@ def pool(tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory) ->
         wait_ready(started["gateway"], timeout=300)
         yield state
     finally:
-        for name in ("gateway", "worker", "worker2"):
-            server = state.get(name)
-            if server is not None and server.proc.poll() is None:
-                server.proc.terminate()
-                try:
-                    server.proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    server.proc.kill()
+        stop(*(state[name] for name in ("gateway", "worker", "worker2") if state.get(name) is not None), timeout=30)
 
 
 @pytest.mark.parametrize("size", ["k2", "k4"])

@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from server.errors import to_api_error
 from tests.server.conftest import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
 from tests.server.fuzz_checks import error_problem, sse_problem
-from tests.server.live import KEY, REPO, Server, launch, wait_ready
+from tests.server.live import KEY, REPO, Server, launch, stop, wait_ready
 
 pytestmark = pytest.mark.server
 
@@ -44,11 +44,7 @@ def server(tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory) 
         wait_ready(started)
         yield started
     finally:
-        started.proc.terminate()
-        try:
-            started.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            started.proc.kill()
+        stop(started)
 
 
 def test_schemathesis_finds_nothing(server: Server, capsys: pytest.CaptureFixture[str]) -> None:

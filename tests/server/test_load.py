@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from tests.server.conftest import TinyFamilyDirs, deploy_dict, write_deploy
-from tests.server.live import KEY, REPO, launch, wait_ready
+from tests.server.live import KEY, REPO, launch, stop, wait_ready
 from tests.tiny import tiny_tokenizer
 
 pytestmark = pytest.mark.server
@@ -77,8 +77,7 @@ def load_run(tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory
         return {"rows": rows, "server": server_counts(server.url), "live": live_requests(server.url),
                 "locust_requests": counted}  # fmt: skip
     finally:
-        server.proc.terminate()
-        server.proc.wait(30)
+        stop(server, timeout=30)
 
 
 def test_every_request_locust_sent_has_an_outcome_and_the_server_agrees(load_run: dict[str, Any]) -> None:

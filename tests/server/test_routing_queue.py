@@ -43,28 +43,27 @@ def schedule_wait_steps(running: int, waiting: int) -> float:
     return frees[0]
 
 
-@pytest.mark.parametrize("waiting", [16, 24, 32])
-def test_queue_wait_of_several_waves_is_not_underestimated(family: Family, waiting: int) -> None:
+def predicted_wait_s(family: Family, waiting: int) -> float:
+    """The router's queue wait for a new k5 request behind a full batch and ``waiting`` more."""
     sizes = ("k0", "k3", "k4", "k5")
     engine = ScriptedEngine(family, sizes)
     engine.loads = {s: SizeLoad(prefill_tokens_per_s=1e9, decode_step_s=STEP_S) for s in sizes}
     engine.loads["k5"] = SizeLoad(running=BATCH, waiting=waiting, prefill_tokens_per_s=1e9, decode_step_s=STEP_S)
     router = Router(family, {s: s for s in sizes}, dict[str, Engine](dict.fromkeys(sizes, engine)), RoutingConfig(),
                     max_batch_size=BATCH, typical_tokens=TYPICAL)  # fmt: skip
-    predicted_s = router.predict(family.by_name("k5"), prompt_tokens=8, max_tokens=TYPICAL).queue_ms / 1e3
+    return router.predict(family.by_name("k5"), prompt_tokens=8, max_tokens=TYPICAL).queue_ms / 1e3
+
+
+@pytest.mark.parametrize("waiting", [16, 24, 32])
+def test_queue_wait_of_several_waves_is_not_underestimated(family: Family, waiting: int) -> None:
+    predicted_s = predicted_wait_s(family, waiting)
     expected_s = schedule_wait_steps(BATCH, waiting) * STEP_S
     assert predicted_s >= 0.8 * expected_s, (predicted_s, expected_s)
 
 
 def test_one_wave_ahead_is_estimated_within_a_fifth(family: Family) -> None:
     """One batch waiting behind the running one: the estimate and the reference agree."""
-    sizes = ("k0", "k3", "k4", "k5")
-    engine = ScriptedEngine(family, sizes)
-    engine.loads = {s: SizeLoad(prefill_tokens_per_s=1e9, decode_step_s=STEP_S) for s in sizes}
-    engine.loads["k5"] = SizeLoad(running=BATCH, waiting=BATCH, prefill_tokens_per_s=1e9, decode_step_s=STEP_S)
-    router = Router(family, {s: s for s in sizes}, dict[str, Engine](dict.fromkeys(sizes, engine)), RoutingConfig(),
-                    max_batch_size=BATCH, typical_tokens=TYPICAL)  # fmt: skip
-    predicted_s = router.predict(family.by_name("k5"), prompt_tokens=8, max_tokens=TYPICAL).queue_ms / 1e3
+    predicted_s = predicted_wait_s(family, BATCH)
     expected_s = schedule_wait_steps(BATCH, BATCH) * STEP_S
     assert 0.8 * expected_s <= predicted_s <= 1.25 * expected_s, (predicted_s, expected_s)
 

@@ -31,7 +31,7 @@ from server.gateway import load_family
 from tests.server.conftest import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
 from tests.server.fakes import ScriptedEngine
 from tests.server.fuzz_checks import error_problem, sse_problem
-from tests.server.live import KEY, REPO, Server, free_port, launch
+from tests.server.live import KEY, REPO, Server, free_port, launch, stop
 from tests.tiny import write_pair
 
 pytestmark = pytest.mark.server
@@ -103,13 +103,7 @@ def servers(tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory)
             wait_keyed(server)
         yield started
     finally:
-        for server in started.values():
-            server.proc.terminate()
-        for server in started.values():
-            try:
-                server.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                server.proc.kill()
+        stop(*started.values())
 
 
 @pytest.fixture(scope="module")

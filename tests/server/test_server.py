@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from boomerang_core.family import Family
 from server.config import parse_config
 from server.gateway import load_family
 from tests.server.conftest import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
-from tests.server.live import KEY, PROMPTS, Holders, Server, launch, wait_ready
+from tests.server.live import KEY, PROMPTS, Holders, Server, launch, stop, wait_ready
 
 pytestmark = pytest.mark.server
 
@@ -50,13 +49,7 @@ def servers(tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory)
             wait_ready(server)
         yield started
     finally:
-        for server in started.values():
-            server.proc.terminate()
-        for server in started.values():
-            try:
-                server.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                server.proc.kill()
+        stop(*started.values())
 
 
 @pytest.fixture(scope="module")
