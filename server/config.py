@@ -120,6 +120,17 @@ class RoutingConfig(_Section):
     prior_flops_per_s: Annotated[float, Field(gt=0)] = 2e10
     prior_bytes_per_s: Annotated[float, Field(gt=0)] = 1e10
     prior_step_overhead_ms: Annotated[float, Field(ge=0)] = 5.0
+    latency_quantile: Annotated[float, Field(gt=0, lt=1)] = Field(
+        default=0.95,
+        description="predictions are scaled by this quantile of actual / predicted latency over the engine's "
+        "last correction_window requests: 0.95 predicts a latency 95% of requests meet, 0.5 the median",
+    )
+    correction_window: Annotated[int, Field(ge=1)] = Field(
+        default=100, description="finished requests per engine that the latency correction is measured over"
+    )
+    correction_window_s: Annotated[float, Field(gt=0)] = Field(
+        default=60.0, description="... of those, only the ones finished in the last this many seconds"
+    )
 
 
 class LimitsConfig(_Section):

@@ -5,13 +5,16 @@ Latency is predicted for THIS request from the engine's live per-size estimates:
 
     queue wait + prefill(prompt tokens) + max_tokens * decode step at the batch it will join
 
-with priors from the parameter count until the engine has measured a size. Dominated sizes are
+with priors from the parameter count until the engine has measured a size, scaled by a quantile of
+how far the engine's finished requests overran their predictions (``Router.observe``). Dominated sizes are
 never chosen by budget or SLO; a client may still name one that the config loads.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -69,7 +72,6 @@ class Router:
     """Reads live load through ``engines`` (size name -> engine serving it). Its only state is one
     correction per engine: how far the model's predictions have been off on the requests it served."""
 
-    CORRECTION_WEIGHT = 0.1  # EWMA weight of each finished request, in log space
     CORRECTION_RANGE = (0.5, 4.0)
 
     def __init__(
@@ -82,6 +84,7 @@ class Router:
         max_batch_size: int,
         typical_tokens: int,
         on_decision: Callable[[str | None, str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.family = family
         self.tiers = {name.lower(): size for name, size in tiers.items()}
@@ -90,7 +93,10 @@ class Router:
         self.max_batch_size = max_batch_size
         self.typical_tokens = typical_tokens
         self.on_decision = on_decision or (lambda size, reason: None)
-        self._log_correction: dict[int, float] = {}  # id(engine) -> EWMA of log(actual / predicted)
+        self.clock = clock
+        # id(engine) -> (finish time, actual / predicted) of its last requests, and their quantile
+        self._ratios: dict[int, deque[tuple[float, float]]] = {}
+        self._correction: dict[int, float] = {}
 
     # --- names --------------------------------------------------------------------------------
 
@@ -164,7 +170,10 @@ class Router:
             # staggered over their lengths, and each admitted one holds its slot for a whole length),
             # so the over-th slot to free comes after (over - 1/2) of those intervals.
             queue_s += self.typical_tokens * (over - 0.5) / self.max_batch_size * step
-        c = self.correction(engine)
+        # an idle engine is never refused for what load did to earlier requests: nothing runs beside
+        # this one, and the request it serves measures the engine again (with every request refused,
+        # the correction could otherwise never come down)
+        c = self.correction(engine) if running + waiting else 1.0
         return Prediction(
             size=size,
             queue_ms=queue_s * 1e3 * c,
@@ -177,16 +186,37 @@ class Router:
         )
 
     def correction(self, engine: Engine | None) -> float:
-        """Measured actual / predicted latency of the requests this engine finished (1 before any)."""
-        return math.exp(self._log_correction.get(id(engine), 0.0)) if engine is not None else 1.0
+        """The ``latency_quantile`` of actual / predicted latency over the last ``correction_window``
+        requests this engine finished in the last ``correction_window_s`` (1 without any)."""
+        if engine is None:
+            return 1.0
+        window = self._ratios.get(id(engine))
+        if window and window[0][0] < self.clock() - self.config.correction_window_s:
+            self._update(id(engine))
+        return self._correction.get(id(engine), 1.0)
+
+    def _update(self, key: int) -> None:
+        window = self._ratios[key]
+        horizon = self.clock() - self.config.correction_window_s
+        while window and window[0][0] < horizon:
+            window.popleft()
+        if not window:
+            self._correction.pop(key, None)
+            return
+        ranked = sorted(r for _, r in window)  # nearest rank: latency_quantile of the window is at or below it
+        self._correction[key] = ranked[max(math.ceil(self.config.latency_quantile * len(ranked)) - 1, 0)]
 
     def observe(self, decision: Decision, completion_tokens: int, actual_ms: float) -> None:
         """A request routed by ``decision`` finished in ``actual_ms`` with ``completion_tokens`` tokens.
 
         The model's queue and decode terms leave out what it cannot see (prefill of requests admitted
         later, engine overhead per step, a busy machine); this closes the loop on the engine's own
-        record, as an EWMA of actual / predicted in log space. The prediction is taken for the tokens
-        really generated (a reply that ended early is not counted as a fast one)."""
+        record. A budget is a promise about the tail, not the median: requests admitted later grow the
+        batch of one already running, so the same prediction comes true for some requests and runs
+        30% over for others. The correction is therefore a high quantile (``latency_quantile``) of
+        actual / predicted over the engine's last ``correction_window`` requests, so that a request
+        predicted at its budget meets it that often. The prediction is taken for the tokens really
+        generated (a reply that ended early is not counted as a fast one)."""
         engine = self.engines.get(decision.size.name)
         p = decision.prediction
         if engine is None or actual_ms <= 0:
@@ -196,10 +226,9 @@ class Router:
         if predicted <= 0:
             return
         lo, hi = self.CORRECTION_RANGE
-        ratio = min(max(actual_ms / predicted, lo), hi)
-        old = self._log_correction.get(id(engine), 0.0)
-        new = (1 - self.CORRECTION_WEIGHT) * old + self.CORRECTION_WEIGHT * math.log(ratio)
-        self._log_correction[id(engine)] = min(max(new, math.log(lo)), math.log(hi))
+        window = self._ratios.setdefault(id(engine), deque(maxlen=self.config.correction_window))
+        window.append((self.clock(), min(max(actual_ms / predicted, lo), hi)))
+        self._update(id(engine))
 
     # --- choice -------------------------------------------------------------------------------
 

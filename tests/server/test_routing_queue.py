@@ -69,13 +69,13 @@ def test_one_wave_ahead_is_estimated_within_a_fifth(family: Family) -> None:
 
 
 def test_measured_latency_corrects_the_predictions_of_its_engine(family: Family) -> None:
-    """Requests that take twice their prediction pull the engine's predictions up towards 2x (an
-    EWMA, clamped); a reply that stopped early is judged against the tokens it really generated;
-    another engine's predictions are untouched."""
+    """Requests that take twice their prediction scale the engine's predictions by 2 (clamped at 4);
+    a reply that stopped early is judged against the tokens it really generated; another engine's
+    predictions are untouched."""
     sizes = ("k0", "k3", "k4", "k5")
     slow, other = ScriptedEngine(family, sizes[:2]), ScriptedEngine(family, sizes[2:])
-    for engine in (slow, other):
-        engine.loads = {s: SizeLoad(prefill_tokens_per_s=1e4, decode_step_s=STEP_S) for s in engine.sizes}
+    for engine in (slow, other):  # busy: an idle engine's predictions are not corrected
+        engine.loads = {s: SizeLoad(running=2, prefill_tokens_per_s=1e4, decode_step_s=STEP_S) for s in engine.sizes}
     engines = {s: (slow if s in sizes[:2] else other) for s in sizes}
     router = Router(family, {s: s for s in sizes}, dict[str, Engine](engines), RoutingConfig(), max_batch_size=BATCH,
                     typical_tokens=TYPICAL)  # fmt: skip
@@ -96,3 +96,48 @@ def test_measured_latency_corrects_the_predictions_of_its_engine(family: Family)
                                               max_tokens=TYPICAL))  # fmt: skip
         router.observe(decision, TYPICAL, 1e9)
     assert router.correction(slow) == pytest.approx(4.0)
+
+
+def test_the_correction_is_the_configured_quantile_of_the_last_requests(family: Family) -> None:
+    """Nine requests in ten on time and one in ten 1.5x late: a 0.95 quantile predicts the late
+    ones' latency, a 0.5 quantile the median; the window forgets requests older than its length and
+    its age limit; an idle engine is predicted uncorrected (else, with every request refused, the
+    correction could never come down)."""
+    sizes = ("k0", "k3", "k4", "k5")
+    now = [0.0]
+
+    def routed(quantile: float, window: int, ratios: list[float], window_s: float = 60.0) -> Router:
+        engine = ScriptedEngine(family, sizes)
+        engine.loads = {s: SizeLoad(running=4, prefill_tokens_per_s=1e4, decode_step_s=STEP_S) for s in sizes}
+        config = RoutingConfig(latency_quantile=quantile, correction_window=window, correction_window_s=window_s)
+        router = Router(family, {s: s for s in sizes}, dict[str, Engine](dict.fromkeys(sizes, engine)), config,
+                        max_batch_size=BATCH, typical_tokens=TYPICAL, clock=lambda: now[0])  # fmt: skip
+        for ratio in ratios:
+            now[0] += 0.1
+            decision = router.choose(RouteRequest(size="k5", max_latency_ms=None, max_memory_gb=None,
+                                                  prompt_tokens=8, max_tokens=TYPICAL))  # fmt: skip
+            router.observe(decision, TYPICAL, ratio * decision.prediction.latency_ms / decision.prediction.correction)
+        return router
+
+    def correction(router: Router) -> float:
+        return router.correction(router.engines["k5"])
+
+    tail = ([1.0] * 9 + [1.5]) * 10
+    assert correction(routed(0.95, 100, tail)) == pytest.approx(1.5)
+    assert correction(routed(0.5, 100, tail)) == pytest.approx(1.0)
+    assert correction(routed(0.95, 20, [3.0] * 50 + [1.0] * 20)) == pytest.approx(1.0)  # the slow past has left
+    assert correction(routed(0.95, 20, [1.0] * 50 + [3.0] * 20)) == pytest.approx(3.0)
+    router = routed(0.95, 100, [3.0] * 50 + [1.0] * 50, window_s=6.0)  # 6 s: the last 60 requests
+    assert correction(router) == pytest.approx(3.0)
+    now[0] += 2.0  # the slow ones are older than 6 s now
+    assert correction(router) == pytest.approx(1.0)
+    now[0] += 10.0  # nothing left in the window
+    assert correction(router) == 1.0
+
+    busy = routed(0.95, 100, [2.0] * 10)
+    k5 = family.by_name("k5")
+    assert busy.predict(k5, prompt_tokens=8, max_tokens=TYPICAL).correction == pytest.approx(2.0)
+    engine = busy.engines["k5"]
+    assert isinstance(engine, ScriptedEngine)
+    engine.loads = {s: SizeLoad(prefill_tokens_per_s=1e4, decode_step_s=STEP_S) for s in sizes}  # idle now
+    assert busy.predict(k5, prompt_tokens=8, max_tokens=TYPICAL).correction == 1.0
