@@ -49,6 +49,16 @@ class ShuttingDown(NotReady):
     default_code = "shutting_down"
 
 
+class TooManyConnections(NotReady):
+    """A request on a connection above ``server.max_connections``."""
+
+    default_code = "too_many_connections"
+
+
+# set in a request's ASGI scope by the HTTP protocol when the request arrived above the connection limit
+OVER_CONNECTION_LIMIT = "boomerang.over_connection_limit"
+
+
 @dataclass(eq=False)
 class _InFlight:
     cancel: anyio.CancelScope
@@ -104,6 +114,10 @@ class DrainGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope.get(OVER_CONNECTION_LIMIT):
+            too_many = TooManyConnections("the server has too many open connections; retry shortly")
+            await _refused(too_many)(scope, receive, send)
+            return
         if self.drain.draining:
             path: str = scope["path"]
             if path == "/health":
@@ -112,7 +126,8 @@ class DrainGuard:
                 await JSONResponse(body, status_code=503, headers=headers)(scope, receive, send)
                 return
             if path.startswith("/v1/"):
-                await _shutting_down("the server is shutting down; retry on another replica")(scope, receive, send)
+                error = ShuttingDown("the server is shutting down; retry on another replica")
+                await _refused(error)(scope, receive, send)
                 return
         request = _InFlight(anyio.CancelScope())
         self.drain.requests.add(request)
@@ -141,8 +156,9 @@ class DrainGuard:
                 self.drain.finished += 1
 
 
-def _shutting_down(message: str) -> JSONResponse:
-    response = error_response(ShuttingDown(message))
+def _refused(error: NotReady) -> JSONResponse:
+    """The OpenAI-shaped 503 of a request the server will not take now; the connection is closed."""
+    response = error_response(error)
     response.headers["Retry-After"] = str(RETRY_AFTER_S)
     response.headers["Connection"] = "close"
     return response
@@ -153,7 +169,7 @@ async def _finish_cut(request: _InFlight, scope: Scope, receive: Receive, send: 
     error = ShuttingDown("the server shut down before this request finished (shutdown grace period exceeded)")
     with anyio.move_on_after(CUT_FLUSH_S), contextlib.suppress(Exception):
         if not request.started:
-            await _shutting_down(error.message)(scope, receive, send)
+            await _refused(error)(scope, receive, send)
         elif request.streaming:
             body = (sse_error(error) + "data: [DONE]\n\n").encode()
             await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -214,9 +230,14 @@ def _hard_exit(code: int) -> None:
 def protocol_class(header_timeout_s: float) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol (httptools when installed, as uvicorn's ``auto`` picks, else h11) with
     a deadline for request headers: from the connection's start, and from the first byte of each later
-    request on a kept-alive connection. A connection still without complete headers is closed."""
+    request on a kept-alive connection. A connection still without complete headers is closed.
+
+    With httptools, a request above uvicorn's ``limit_concurrency`` (``server.max_connections``) is
+    marked in its scope and goes to the app, whose :class:`DrainGuard` answers an OpenAI-shaped 503,
+    instead of uvicorn's plain-text one (h11 keeps uvicorn's own answer)."""
     base: type[Any]
-    if importlib.util.find_spec("httptools") is not None:
+    httptools = importlib.util.find_spec("httptools") is not None
+    if httptools:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
     else:
         from uvicorn.protocols.http.h11_impl import H11Protocol as base
@@ -226,6 +247,19 @@ def protocol_class(header_timeout_s: float) -> type[asyncio.Protocol]:
         # timer only has to see whether the cycle it started under was replaced.
         _header_timer: asyncio.TimerHandle | None = None
         _cycle_at_arm: Any = None
+
+        def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
+            super().__init__(config, *args, **kwargs)
+            self._max_connections: int | None = config.limit_concurrency
+            if httptools:
+                self.limit_concurrency = None  # checked below, answered by the app
+
+        def on_headers_complete(self) -> None:  # httptools only
+            limit = self._max_connections
+            if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+                log.warning("refused a request above max_connections (%d)", limit)
+                self.scope[OVER_CONNECTION_LIMIT] = True
+            super().on_headers_complete()
 
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)

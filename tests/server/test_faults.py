@@ -200,6 +200,10 @@ def test_connections_above_max_connections_get_503(fleet: dict[str, Server]) -> 
         with pytest.raises(openai.APIStatusError) as refused:
             server.client().completions.create(model=FAMILY, prompt=PROMPTS[0], max_tokens=2)
         assert refused.value.status_code == 503
+        assert refused.value.response.headers["retry-after"]
+        assert refused.value.response.headers["connection"] == "close"
+        error = refused.value.response.json()["error"]
+        assert error["type"] == "server_error" and error["code"] == "too_many_connections", error
     finally:
         for sock in idle:
             sock.close()
