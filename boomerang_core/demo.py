@@ -25,7 +25,7 @@ import torch
 
 from boomerang_core.alignment import STUDENT_CONFIG_FILE, StudentSpec
 from boomerang_core.data import corpus_texts, token_blocks
-from boomerang_core.distill import RECIPE_FILE, DistillConfig, distill
+from boomerang_core.distill import CHECKPOINTS, RECIPE_FILE, DistillConfig, distill
 from boomerang_core.errors import ModelNotFound
 from boomerang_core.family import FAMILY_FILE, Family
 from boomerang_core.plan import SizePlan, enumerate_plans, patch_order, plan_for_patched
@@ -131,15 +131,17 @@ def ensure_demo(cache_dir: str | Path | None = None, progress: bool = True) -> P
     interrupted run) and searches the served sizes only where they are missing or stale."""
     teacher = ensure_teacher(cache_dir, progress)
     student = demo_dir(cache_dir) / "student"
-    if _current_family(student):
-        return student
     if not _finished(student):
         distill(teacher, student, DEMO_RECIPE, progress=progress)
-    elif progress and not _student_matches_recipe(student):
+    elif progress and not _current_family(student) and not _student_matches_recipe(student):
         print(
             f"note: the cached demo student in {student} was distilled with another recipe than this version's; "
-            "it is kept. Remove that directory to distil it again (about 10 minutes on 2 CPU cores)."
+            "it is kept. Remove that directory to distil it again (about 25 minutes on 2 CPU cores)."
         )
+    if _finished(student):  # the resume state of a finished run (optimizer included: ~1.7 GB) goes
+        shutil.rmtree(student / CHECKPOINTS, ignore_errors=True)
+    if _current_family(student):
+        return student
     store = LayerStore.load(teacher, student)
     family = demo_family_from_store(store, progress=progress)
     if (student / RECIPE_FILE).is_file():  # the recipe this student was really distilled with

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from boomerang_core import demo
+from boomerang_core.distill import CHECKPOINTS
 from boomerang_core.family import FAMILY_FILE, Family
 from boomerang_core.plan_eval import plan_key, score_plans, teacher_pass
 from boomerang_core.search import edge_costs, shortgpt_plan
@@ -78,8 +79,12 @@ def test_stale_family_is_searched_again(cache: Path, family: Family) -> None:
     is reused as is."""
     student = cache / demo.DEMO_NAME / "student"
     saved = (student / FAMILY_FILE).read_text()
+    leftover = student / CHECKPOINTS / "checkpoint-70"  # the resume state of a finished distillation
+    leftover.mkdir(parents=True)
+    (leftover / "optimizer.pt").write_bytes(b"0" * 1024)
     assert demo.ensure_demo(cache, progress=False) == student
     assert (student / FAMILY_FILE).read_text() == saved  # current: not searched again
+    assert not (student / CHECKPOINTS).exists()  # ... and the finished run's checkpoints are gone
     old = Family.from_store(demo.DEMO_NAME, family.store, order="last")
     old.save(student)
     assert json.loads((student / FAMILY_FILE).read_text())["order"] == "last"
