@@ -121,9 +121,10 @@ class RoutingConfig(_Section):
     prior_bytes_per_s: Annotated[float, Field(gt=0)] = 1e10
     prior_step_overhead_ms: Annotated[float, Field(ge=0)] = 5.0
     latency_quantile: Annotated[float, Field(gt=0, lt=1)] = Field(
-        default=0.95,
+        default=0.98,
         description="predictions are scaled by this quantile of actual / predicted latency over the engine's "
-        "last correction_window requests: 0.95 predicts a latency 95% of requests meet, 0.5 the median",
+        "last correction_window requests: 0.98 predicts a latency 98% of them met, 0.5 the median. Set it "
+        "a little above the share of budgets you promise: the window lags a change of load",
     )
     correction_window: Annotated[int, Field(ge=1)] = Field(
         default=100, description="finished requests per engine that the latency correction is measured over"

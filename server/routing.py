@@ -5,6 +5,10 @@ Latency is predicted for THIS request from the engine's live per-size estimates:
 
     queue wait + prefill(prompt tokens) + max_tokens * decode step at the batch it will join
 
+(the batch it will join: today's plus the request or, where the engine forecasts it (the in-process
+one), the batch it ran in the last half minute if that was larger, since the arrivals that filled
+it fill it again while the request runs)
+
 with priors from the parameter count until the engine has measured a size, scaled by a quantile of
 how far the engine's finished requests overran their predictions (``Router.observe``). Dominated sizes are
 never chosen by budget or SLO; a client may still name one that the config loads.
@@ -12,6 +16,7 @@ never chosen by budget or SLO; a client may still name one that the config loads
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from collections import deque
@@ -66,6 +71,17 @@ class Decision:
     size: FamilySize
     reason: str  # named | default | budget | slo | degraded
     prediction: Prediction
+
+
+def slot_wait_steps(remaining: list[int], waiting: int, n: int, max_batch: int, typical_tokens: int) -> float:
+    """Decode steps until ``n`` more requests all hold a batch slot: running requests free theirs
+    after their remaining tokens, each of the ``waiting`` ones (first in, first served) takes the
+    next free slot for ``typical_tokens`` steps."""
+    frees = sorted(max(t, 0) for t in remaining) + [0] * max(max_batch - len(remaining), 0)
+    heapq.heapify(frees)
+    for _ in range(waiting):
+        heapq.heappush(frees, heapq.heappop(frees) + typical_tokens)
+    return float(max(heapq.heappop(frees) for _ in range(min(n, len(frees)))))
 
 
 class Router:
@@ -162,10 +178,18 @@ class Router:
         if step is None:
             step = size.bytes / cfg.prior_bytes_per_s + cfg.prior_step_overhead_ms / 1e3
         step_after = step * (work + n * size.params) / work if work else step
+        if load.decode_step_expected_s is not None:  # the batch will be as full as it recently was
+            step_after = max(step_after, load.decode_step_expected_s)
+            step = max(step, load.decode_step_expected_s)  # ... and so are the steps that free a slot
         prefill_tps = load.prefill_tokens_per_s or cfg.prior_flops_per_s / (2 * size.params)
         queue_s = waiting * prompt_tokens / prefill_tps  # prompts queued before ours, about as long
         over = running + waiting + n - self.max_batch_size
-        if over > 0:
+        remaining = [t for _, p in peers for t in (p.remaining_tokens or ())]
+        if over > 0 and len(remaining) == running and all(p.remaining_tokens is not None for _, p in peers):
+            # the engine says how long each running request may still take: the slots free in that
+            # order (a batch filled in one burst frees nothing until its requests end together)
+            queue_s += slot_wait_steps(remaining, waiting, n, self.max_batch_size, self.typical_tokens) * step
+        elif over > 0:
             # A full batch frees a slot every typical_tokens / max_batch_size steps (its requests are
             # staggered over their lengths, and each admitted one holds its slot for a whole length),
             # so the over-th slot to free comes after (over - 1/2) of those intervals.
@@ -180,7 +204,7 @@ class Router:
             prefill_ms=n * prompt_tokens / prefill_tps * 1e3 * c,
             decode_ms=max_tokens * step_after * 1e3 * c,
             memory_gb=size.bytes / 1e9,
-            load=SizeLoad(running, waiting, load.prefill_tokens_per_s, load.decode_step_s),
+            load=SizeLoad(running, waiting, load.prefill_tokens_per_s, load.decode_step_s, load.decode_step_expected_s),
             correction=c,
             max_tokens=max_tokens,
         )

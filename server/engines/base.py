@@ -68,6 +68,11 @@ class SizeLoad:
     waiting: int = 0
     prefill_tokens_per_s: float | None = None  # moving average
     decode_step_s: float | None = None  # moving average at the current batch size
+    # seconds between tokens at the batch a new request is expected to decode in, newcomers' prefill
+    # included (engines that forecast it: the local one)
+    decode_step_expected_s: float | None = None
+    # tokens each running request of the size has left at most (engines that know: the local one)
+    remaining_tokens: tuple[int, ...] | None = None
 
 
 class EngineError(Exception):

@@ -172,11 +172,17 @@ class LocalEngine(Engine):
         i = self._index(size)
         running = len(self._sizes[i].rows)
         total = sum(len(s.rows) for s in self._sizes)
+        # a new request decodes in the batch the engine ran recently, not only in today's (at the arrival
+        # rate that filled it, it fills again while this request runs), and its tokens wait for the
+        # newcomers' prompts too
+        expected = min(self.max_batch_size, max(total + self._num_waiting + 1, self.stats.recent_peak_batch()))
         return SizeLoad(
             running=running,
             waiting=self._waiting_by_size[i],
             prefill_tokens_per_s=self.stats.prefill_tokens_per_s(i),
             decode_step_s=self.stats.decode_step_s(max(total, 1)),
+            decode_step_expected_s=self.stats.token_gap_s(expected),
+            remaining_tokens=tuple(a.request.sampling.max_tokens - len(a.output) for a in list(self._sizes[i].rows)),
         )
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
@@ -296,6 +302,7 @@ class LocalEngine(Engine):
             active.row = len(size.rows)
             size.rows.append(active)
             running += 1
+        self.stats.note_batch(running)
 
     def _unwait(self, active: ActiveRequest) -> None:
         with self._lock:

@@ -59,6 +59,8 @@ class ScriptedEngine(Engine):
             waiting=base.waiting,
             prefill_tokens_per_s=base.prefill_tokens_per_s,
             decode_step_s=base.decode_step_s,
+            decode_step_expected_s=base.decode_step_expected_s,
+            remaining_tokens=base.remaining_tokens,
         )
 
     async def abort(self, request_id: str) -> None:

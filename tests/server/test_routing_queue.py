@@ -17,6 +17,7 @@ import pytest
 from boomerang_core.family import Family
 from server.config import RoutingConfig, parse_config
 from server.engines.base import Engine, SizeLoad
+from server.engines.local_stats import PEAK_WINDOW_S, LoadEstimates
 from server.gateway import load_family
 from server.routing import Router, RouteRequest
 from tests.server.conftest import TinyFamilyDirs, deploy_dict
@@ -141,3 +142,61 @@ def test_the_correction_is_the_configured_quantile_of_the_last_requests(family: 
     assert isinstance(engine, ScriptedEngine)
     engine.loads = {s: SizeLoad(prefill_tokens_per_s=1e4, decode_step_s=STEP_S) for s in sizes}  # idle now
     assert busy.predict(k5, prompt_tokens=8, max_tokens=TYPICAL).correction == 1.0
+
+
+def test_a_new_request_is_predicted_at_the_batch_the_engine_recently_ran(family: Family) -> None:
+    """The in-process engine remembers its largest recent batch (for PEAK_WINDOW_S after it ended)
+    and the gap between tokens at each batch, newcomers' prefill steps included; the router predicts
+    decoding at that gap when it is slower than today's step: a request that arrives at an emptied
+    engine under sustained load is decoded in a full batch, between prompts of later arrivals."""
+    stats = LoadEstimates([1])
+    stats.note_batch(16, now=0.0)
+    stats.note_batch(4, now=10.0)  # the batch of 16 ran until t=10
+    assert stats.recent_peak_batch(now=9.0) == 16
+    assert stats.recent_peak_batch(now=10.0 + PEAK_WINDOW_S - 1) == 16
+    assert stats.recent_peak_batch(now=10.0 + PEAK_WINDOW_S + 1) == 4
+    assert LoadEstimates([1]).recent_peak_batch() == 0
+    for _ in range(200):  # at 16 rows, every other step also prefills a newcomer's prompt (3x as long)
+        stats.record([0], [0], [16], 0.1)
+        stats.record([0], [32], [15], 0.3)
+    assert stats.decode_step_s(16) == pytest.approx(0.1)
+    assert stats.token_gap_s(16) == pytest.approx(0.2, rel=0.1)
+
+    sizes = ("k0", "k3", "k4", "k5")
+    engine = ScriptedEngine(family, sizes)
+    router = Router(family, {s: s for s in sizes}, dict[str, Engine](dict.fromkeys(sizes, engine)), RoutingConfig(),
+                    max_batch_size=BATCH, typical_tokens=TYPICAL)  # fmt: skip
+    k5 = family.by_name("k5")
+    engine.loads = {s: SizeLoad(prefill_tokens_per_s=1e9, decode_step_s=STEP_S) for s in sizes}
+    now = router.predict(k5, prompt_tokens=8, max_tokens=TYPICAL).decode_ms
+    engine.loads = {s: SizeLoad(prefill_tokens_per_s=1e9, decode_step_s=STEP_S, decode_step_expected_s=3 * STEP_S)
+                    for s in sizes}  # fmt: skip
+    assert router.predict(k5, prompt_tokens=8, max_tokens=TYPICAL).decode_ms == pytest.approx(3 * now)
+
+
+def test_the_queue_wait_follows_the_tokens_running_requests_have_left(family: Family) -> None:
+    """Where the engine reports each running request's remaining tokens, slots free in that order: a
+    batch admitted in one burst frees nothing until its requests end together (the staggered-batch
+    estimate would say half a slot interval), and a staggered batch matches the reference schedule.
+    Found by bench/load_bench.py: requests queued right after an idle engine filled up ran 1.3-1.5x
+    over their prediction."""
+    sizes = ("k0", "k3", "k4", "k5")
+    engine = ScriptedEngine(family, sizes)
+    router = Router(family, {s: s for s in sizes}, dict[str, Engine](dict.fromkeys(sizes, engine)), RoutingConfig(),
+                    max_batch_size=BATCH, typical_tokens=TYPICAL)  # fmt: skip
+    k5 = family.by_name("k5")
+
+    def wait_s(remaining: tuple[int, ...], waiting: int) -> float:
+        engine.loads = {s: SizeLoad(prefill_tokens_per_s=1e9, decode_step_s=STEP_S, remaining_tokens=()) for s in sizes}
+        engine.loads["k5"] = SizeLoad(running=len(remaining), waiting=waiting, prefill_tokens_per_s=1e9,
+                                      decode_step_s=STEP_S, remaining_tokens=remaining)  # fmt: skip
+        return router.predict(k5, prompt_tokens=8, max_tokens=TYPICAL).queue_ms / 1e3
+
+    burst = (TYPICAL - 2,) * BATCH  # all admitted together, two tokens in
+    assert wait_s(burst, 0) == pytest.approx((TYPICAL - 2) * STEP_S)
+    assert wait_s(burst, BATCH) == pytest.approx((2 * TYPICAL - 2) * STEP_S)
+    staggered = tuple(round(TYPICAL * (i + 0.5) / BATCH) for i in range(BATCH))
+    for waiting in (0, 8, 16):
+        expected = schedule_wait_steps(BATCH, waiting) * STEP_S
+        assert wait_s(staggered, waiting) == pytest.approx(expected, rel=0.1, abs=STEP_S), waiting
+    assert wait_s(burst[: BATCH - 1], 0) == 0.0  # a free slot: no wait
