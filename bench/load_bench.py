@@ -1,7 +1,7 @@
 """Load and overload benchmark of the gateway, driven by locust (bench/locustfile.py) over loopback.
 
-    python bench/load_bench.py            # the demo family, ~8 min on 2 cores; writes bench/results/load_bench.*
-    python bench/load_bench.py --tiny     # a tiny random family, ~3 min: checks the script works
+    python bench/load_bench.py            # the demo family, ~13 min on 2 cores; writes bench/results/load_bench.*
+    python bench/load_bench.py --tiny     # a tiny random family: checks the script works
 
 1. Starts ``python -m server.run`` with a deploy file written here (every non-dominated size as a
    tier on the in-process engine, ``--max-batch`` / ``--max-queue``).
