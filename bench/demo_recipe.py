@@ -2,7 +2,7 @@
 at a time (learning rate, loss weights, teacher layers kept, tokens), each distilled from scratch
 and scored on held-out text.
 
-    .venv/bin/python bench/demo_recipe.py [--tokens 20480] [--only base,lr3e-4]
+    .venv/bin/python bench/demo_recipe.py [--tokens 20480] [--only base,lr3e-4] [--served MINUTES]
 
 Each variant is distilled into ``$BOOMERANG_CACHE/recipes/<variant>`` (resumable; an existing
 finished student is reused, so a rerun only scores). The score of a variant is the held-out
@@ -12,6 +12,9 @@ perplexity (token level, the corpus's held-out split, ``--heldout-blocks`` x 256
 - every size of the ``last`` patch order, one per layer count (the lowest k reaching it), summed
   up as the geometric mean over the counts: the curve a user of the family would see;
 - the middle of the curve (the count halfway between the student's and the teacher's).
+
+``--served MINUTES`` also scores the demo cache's own student (``DEMO_RECIPE`` at its full budget,
+as ``make serve`` distils it) as the row ``served``; MINUTES is how long that distillation took.
 
 Writes ``bench/results/demo_recipe_table.md`` and ``.json``. Wall times are training only, on
 this machine, with whatever else ran beside it (the note says how busy it was).
@@ -110,6 +113,12 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", type=Path, default=RESULTS / "demo_recipe_table")
+    ap.add_argument(
+        "--served",
+        type=float,
+        metavar="MINUTES",
+        help="also score the demo cache's served student; MINUTES: how long its distillation took",
+    )
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -129,10 +138,7 @@ def main() -> None:
             distill(teacher, out, recipe, progress=False)
         train_s = time.perf_counter() - clock
         if heldout is None:
-            store_tok = LayerStore.load(teacher).tokenizer
-            assert store_tok is not None
-            _, texts, _ = corpus_texts(recipe.corpus)
-            heldout = token_blocks(store_tok, texts, 256, max_blocks=a.heldout_blocks)
+            heldout = heldout_blocks(teacher, a.heldout_blocks)
         clock = time.perf_counter()
         row = score(teacher, out, heldout)
         row.update(
@@ -151,7 +157,27 @@ def main() -> None:
         )
         results_file.parent.mkdir(parents=True, exist_ok=True)
         results_file.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    if a.served is not None:
+        if heldout is None:
+            heldout = heldout_blocks(teacher, a.heldout_blocks)
+        row = score(teacher, demo.ensure_demo(), heldout)
+        row.update(
+            change="the demo recipe (first4-lr3e-4, batch 8) at its full budget: the served student",
+            tokens=demo.DEMO_RECIPE.token_budget,
+            train_min=a.served,
+            load_avg=round(os.getloadavg()[0], 1),
+            recipe=demo.DEMO_RECIPE.to_dict(),
+        )
+        results["served"] = row
+        results_file.write_text(json.dumps(results, indent=1, default=str) + "\n")
     write_table(results, a, a.out.with_suffix(".md"))
+
+
+def heldout_blocks(teacher: Path, blocks: int) -> torch.Tensor:
+    tokenizer = LayerStore.load(teacher).tokenizer
+    assert tokenizer is not None
+    _, texts, _ = corpus_texts(DistillConfig().corpus)
+    return token_blocks(tokenizer, texts, 256, max_blocks=blocks)
 
 
 def write_table(results: dict[str, Any], a: argparse.Namespace, path: Path) -> None:
@@ -167,7 +193,8 @@ def write_table(results: dict[str, Any], a: argparse.Namespace, path: Path) -> N
         "`base`. Train minutes depend on how busy the shared machine was (load average column).",
         "",
         "`boomerang_core.demo.DEMO_RECIPE` now takes the best row, `first4-lr3e-4`, at its full budget "
-        "(150,000 tokens); that full-budget run is not in this table.",
+        f"({demo.DEMO_RECIPE.token_budget:,} tokens): the row `served`, when present, is that student as the "
+        "demo cache holds it (distilled by `make serve`'s first start).",
         "",
         "| variant | change | tokens | student layers | student ppl | curve ppl | middle ppl | vs base (curve) "
         "| train min | load avg |",
