@@ -26,7 +26,7 @@ from boomerang_core.distill import prune_student
 from boomerang_core.family import Family
 from boomerang_core.store import LayerStore
 from server.engines.base import GenerationRequest, SamplingParams
-from server.engines.local import LocalEngine
+from server.engines.local.engine import LocalEngine
 
 
 def demo_config(tiny: bool) -> LlamaConfig:

@@ -39,7 +39,7 @@ from boomerang_core.family import FAMILY_FILE, Family
 from boomerang_core.loading import load_causal_lm, load_tokenizer
 from boomerang_core.store import LayerStore, unique_storage_bytes
 from server.engines.base import GenerationRequest, SamplingParams
-from server.engines.local import LocalEngine
+from server.engines.local.engine import LocalEngine
 
 
 def load_family() -> tuple[Family, str]:

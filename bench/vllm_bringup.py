@@ -37,9 +37,9 @@ def pool_child() -> None:
     from vllm_common import four_sizes, load_family
 
     from server.engines.base import GenerationRequest, SamplingParams
-    from server.engines.vllm_pool import VllmReplica, VllmSettings
-    from server.engines.vllm_stepper import VllmStepper
-    from server.pool import TierPool, TierSpec
+    from server.engines.vllm.replica import VllmReplica, VllmSettings
+    from server.engines.vllm.stepper import VllmStepper
+    from server.pool.tiers import TierPool, TierSpec
 
     family, label = load_family()
     warm, cold = four_sizes(family)[0], four_sizes(family)[-1]

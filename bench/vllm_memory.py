@@ -82,9 +82,9 @@ def shared(kv_cache_gb: str) -> None:
     from vllm_common import four_sizes, load_family
 
     from server.engines.base import GenerationRequest, SamplingParams
-    from server.engines.vllm_pool import VllmReplica, VllmSettings
-    from server.engines.vllm_stepper import VllmStepper
-    from server.pool import TierPool, TierSpec
+    from server.engines.vllm.replica import VllmReplica, VllmSettings
+    from server.engines.vllm.stepper import VllmStepper
+    from server.pool.tiers import TierPool, TierSpec
 
     family, _ = load_family()
     settings = VllmSettings(max_model_len=1024, max_num_seqs=16, kv_cache_gb=float(kv_cache_gb))

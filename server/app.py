@@ -25,7 +25,7 @@ from server.config import DeployConfig
 from server.errors import BodyTooLarge, Unauthorized, error_response, install_error_handlers
 from server.gateway import EngineFactory, FamilyLoader, Gateway, load_family, local_engine
 from server.metrics import GatewayMetrics
-from server.pool_setup import pool_engine, uses_pool
+from server.pool.setup import pool_engine, uses_pool
 
 
 def create_app(

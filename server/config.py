@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from server.pool_config import PoolConfig, PoolTierFields, VllmEngineConfig
+from server.pool.config import PoolConfig, PoolTierFields, VllmEngineConfig
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
 _DEVICE = re.compile(r"^(cpu|cuda|mps|xpu)(:\d+)?$")

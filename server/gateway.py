@@ -53,7 +53,7 @@ def load_family(config: DeployConfig) -> Family:
 
 
 def local_engine(family: Family, sizes: Sequence[str], config: DeployConfig) -> Engine:
-    from server.engines.local import LocalEngine
+    from server.engines.local.engine import LocalEngine
 
     engine_config = config.engines.local
     return LocalEngine(

@@ -16,8 +16,8 @@ from boomerang_core.assemble import build
 from boomerang_core.family import Family
 from boomerang_core.store import LayerStore
 from server.engines.base import EngineError, GenerationRequest, QueueFull, SamplingParams, TokenEvent
-from server.engines.detokenize import IncrementalDetokenizer, StopStrings
-from server.engines.local import LocalEngine
+from server.engines.local.detokenize import IncrementalDetokenizer, StopStrings
+from server.engines.local.engine import LocalEngine
 from tests.tiny import tiny_tokenizer, write_pair
 
 PROMPTS = [
@@ -311,7 +311,7 @@ def test_many_concurrent_requests_get_exactly_their_own_tokens(family: Family) -
 
 
 def test_a_failing_step_fails_only_its_requests(family: Family, monkeypatch: pytest.MonkeyPatch) -> None:
-    import server.engines.local as local
+    import server.engines.local.engine as local
 
     real = local.forward_step
     calls = {"n": 0}
@@ -373,7 +373,7 @@ def test_stop_strings_hold_back_only_possible_starts() -> None:
 
 
 def test_each_store_layer_runs_once_per_step_for_every_size(family: Family) -> None:
-    from server.engines.packed import RowWork, SizeCache, SizeWork, _layer_steps
+    from server.engines.local.packed import RowWork, SizeCache, SizeWork, _layer_steps
 
     engine = LocalEngine(family)
     assert engine.shares_layers_across_sizes

@@ -11,7 +11,7 @@ import pytest
 
 from server.config import ConfigError, parse_config
 from server.engines.base import Engine, EngineError, GenerationRequest, QueueFull, SizeLoad, TokenEvent
-from server.pool import PoolBudgetError, TierPool, TierSpec
+from server.pool.tiers import PoolBudgetError, TierPool, TierSpec
 
 GB = 10**9
 

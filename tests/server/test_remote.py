@@ -23,7 +23,7 @@ from server.config import parse_config
 from server.engines.base import EngineError, GenerationRequest, SamplingParams
 from server.engines.remote import RemoteEngine
 from server.gateway import load_family
-from server.pool_setup import pool_engine
+from server.pool.setup import pool_engine
 from tests.server.conftest import TinyFamilyDirs, deploy_dict, write_deploy
 
 pytestmark = pytest.mark.server

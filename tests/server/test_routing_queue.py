@@ -17,7 +17,7 @@ import pytest
 from boomerang_core.family import Family
 from server.config import RoutingConfig, parse_config
 from server.engines.base import Engine, SizeLoad
-from server.engines.local_stats import PEAK_WINDOW_S, LoadEstimates
+from server.engines.local.stats import PEAK_WINDOW_S, LoadEstimates
 from server.gateway import load_family
 from server.routing import Router, RouteRequest
 from tests.server.conftest import TinyFamilyDirs, deploy_dict

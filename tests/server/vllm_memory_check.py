@@ -19,8 +19,8 @@ from boomerang_core.alignment import StudentSpec
 from boomerang_core.assemble import export
 from boomerang_core.family import Family
 from boomerang_core.store import LayerStore
-from server.engines.vllm_pool import VllmReplica, VllmSettings, release_engine
-from server.engines.vllm_stepper import VllmStepper
+from server.engines.vllm.replica import VllmReplica, VllmSettings, release_engine
+from server.engines.vllm.stepper import VllmStepper
 from tests.tiny import VOCAB, prune_copy, tiny_tokenizer
 
 SETTINGS = VllmSettings(max_model_len=256, max_num_seqs=2, kv_cache_gb=0.02)

@@ -24,9 +24,9 @@ from boomerang_core.family import Family
 from boomerang_core.fused import fused_tensor
 from boomerang_core.store import LayerStore
 from server.engines.base import EngineError, GenerationRequest, SamplingParams
-from server.engines.vllm_pool import VllmReplica, VllmSettings
-from server.engines.vllm_stepper import VllmStepper
-from server.pool import TierPool, TierSpec
+from server.engines.vllm.replica import VllmReplica, VllmSettings
+from server.engines.vllm.stepper import VllmStepper
+from server.pool.tiers import TierPool, TierSpec
 from tests.tiny import write_pair
 
 PROMPT = (5, 6, 7, 8, 9, 10)
@@ -80,7 +80,7 @@ async def serve_checks(workdir: Path) -> None:
     report("bring_up", seconds=time.perf_counter() - t0)
 
     # 1. greedy tokens of both sizes, streamed, vs build(plan) and the local engine
-    from server.engines.local import LocalEngine
+    from server.engines.local.engine import LocalEngine
 
     local = LocalEngine(family, sizes=[small, large])
     await local.start()

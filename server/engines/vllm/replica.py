@@ -1,10 +1,10 @@
 """``engine: vllm``: one vLLM engine serving one size, its weights bound to the LayerStore.
 
-A :class:`VllmReplica` is one vLLM ``LLMEngine`` built by :mod:`server.engines.vllm_loader` from a
+A :class:`VllmReplica` is one vLLM ``LLMEngine`` built by :mod:`server.engines.vllm.loader` from a
 folder that holds only the size's ``config.json`` and tokenizer files; every parameter is a view of
 the store, so a replica costs its KV cache and engine overhead, not its weights. All replicas of a
-process run on one :class:`~server.engines.vllm_stepper.VllmStepper` thread. Replicas are started,
-scaled and restarted by :mod:`server.pool`; each one meets the :class:`Engine` contract by itself.
+process run on one :class:`~server.engines.vllm.stepper.VllmStepper` thread. Replicas are started,
+scaled and restarted by :mod:`server.pool.tiers`; each one meets the :class:`Engine` contract by itself.
 
 Requests stream through vLLM's engine API (``add_request`` / ``step`` with delta outputs); sampling
 fields and stop strings map one to one onto vLLM's ``SamplingParams``; vLLM's own errors become
@@ -39,7 +39,7 @@ from server.engines.base import (
     TokenEvent,
     TokenLogprob,
 )
-from server.engines.vllm_stepper import VllmStepper
+from server.engines.vllm.stepper import VllmStepper
 from server.errors import BadRequest
 
 _GB = 1e9
@@ -101,7 +101,7 @@ class VllmReplica(Engine):
 
     def _build(self) -> None:
         """On the stepper thread: write the size's config folder and build the engine on the store."""
-        from server.engines import vllm_loader
+        from server.engines.vllm import loader as vllm_loader
 
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core runs on this thread
         from vllm import EngineArgs

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from server.engines.base import GenerationRequest, TokenEvent, TokenLogprob
-from server.engines.detokenize import IncrementalDetokenizer, StopStrings
-from server.engines.sampling import RequestSampler, token_logprob
+from server.engines.local.detokenize import IncrementalDetokenizer, StopStrings
+from server.engines.local.sampling import RequestSampler, token_logprob
 
 
 @dataclass(eq=False)

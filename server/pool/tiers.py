@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from server.engines.base import Engine, EngineError, GenerationRequest, QueueFull, SizeLoad, TokenEvent
 from server.errors import ApiError
-from server.pool_metrics import PoolMetrics
+from server.pool.metrics import PoolMetrics
 
 log = logging.getLogger(__name__)
 _GB = 1e9

@@ -15,10 +15,10 @@ from boomerang_core.family import Family
 from server.config import DeployConfig, TierConfig
 from server.engines.base import Engine
 from server.engines.remote import RemoteEngine
-from server.engines.vllm_pool import VllmReplica, VllmSettings
-from server.engines.vllm_stepper import VllmStepper
-from server.pool import TierPool, TierSpec
-from server.pool_metrics import PoolMetrics
+from server.engines.vllm.replica import VllmReplica, VllmSettings
+from server.engines.vllm.stepper import VllmStepper
+from server.pool.tiers import TierPool, TierSpec
+from server.pool.metrics import PoolMetrics
 
 _GB = 1e9
 

@@ -25,7 +25,7 @@ T = TypeVar("T")
 
 
 class Steppable(Protocol):
-    """One engine as the stepper sees it (a replica of :mod:`server.engines.vllm_pool`)."""
+    """One engine as the stepper sees it (a replica of :mod:`server.engines.vllm.replica`)."""
 
     def busy(self) -> bool:
         """True while the engine has unfinished requests."""

@@ -3,7 +3,7 @@
 One thread owns all model work. The event loop only enqueues requests and aborts and reads events
 from per-request asyncio queues, filled through ``loop.call_soon_threadsafe``; it never waits on
 the model. Each worker step packs the next token of every decoding request and a chunk of every
-prefilling prompt, of every size, into one forward (:mod:`server.engines.packed`), so a new request
+prefilling prompt, of every size, into one forward (:mod:`server.engines.local.packed`), so a new request
 joins the running batch at the next step and sizes are served side by side.
 """
 
@@ -33,10 +33,10 @@ from server.engines.base import (
     TokenEvent,
     TokenLogprob,
 )
-from server.engines.detokenize import IncrementalDetokenizer, StopStrings
-from server.engines.local_request import ActiveRequest
-from server.engines.local_stats import LoadEstimates
-from server.engines.packed import (
+from server.engines.local.detokenize import IncrementalDetokenizer, StopStrings
+from server.engines.local.request import ActiveRequest
+from server.engines.local.stats import LoadEstimates
+from server.engines.local.packed import (
     RowWork,
     SizeCache,
     SizeParts,
@@ -45,7 +45,7 @@ from server.engines.packed import (
     install_attention,
     layer_order,
 )
-from server.engines.sampling import RequestSampler, sample
+from server.engines.local.sampling import RequestSampler, sample
 
 log = logging.getLogger(__name__)
 Owners = list[tuple[ActiveRequest, int, int]]  # per size in a step: (request, its first logit row, logit rows)
