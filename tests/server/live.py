@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import openai
 
-from tests.server.conftest import FAMILY
+from tests.server.deploys import FAMILY
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "test-key-0123"

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from tests.server.conftest import FAMILY
+from tests.server.deploys import FAMILY
 from tests.server.live import KEY, PROMPTS, Server
 
 LONG = 480  # tokens of a long stream (the tiny family's context is 512)

@@ -16,7 +16,7 @@ from server.app import create_app
 from server.config import DeployConfig, parse_config
 from server.engines.base import Engine, SizeLoad
 from server.gateway import load_family
-from tests.server.conftest import FAMILY, TinyFamilyDirs, deploy_dict
+from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict
 from tests.server.fakes import ScriptedEngine
 
 

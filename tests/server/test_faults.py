@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
+from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
 from tests.server.live import KEY, PROMPTS, Server, launch, wait_ready
 from tests.server.streams import AUTH, LONG, Stream
 

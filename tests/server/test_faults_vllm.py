@@ -21,7 +21,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.server.conftest import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
+from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
 from tests.server.live import KEY, PROMPTS, REPO, Server, free_port, stop, wait_ready
 from tests.server.streams import Stream
 

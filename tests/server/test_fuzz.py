@@ -21,7 +21,7 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 
 from server.errors import to_api_error
-from tests.server.conftest import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
+from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
 from tests.server.fuzz_checks import error_problem, sse_problem
 from tests.server.live import KEY, REPO, Server, launch, stop, wait_ready
 

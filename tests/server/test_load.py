@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.server.conftest import TinyFamilyDirs, deploy_dict, write_deploy
+from tests.server.deploys import TinyFamilyDirs, deploy_dict, write_deploy
 from tests.server.live import KEY, REPO, launch, stop, wait_ready
 from tests.tiny import tiny_tokenizer
 

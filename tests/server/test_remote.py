@@ -24,7 +24,7 @@ from server.engines.base import EngineError, GenerationRequest, SamplingParams
 from server.engines.remote import RemoteEngine
 from server.gateway import load_family
 from server.pool.setup import pool_engine
-from tests.server.conftest import TinyFamilyDirs, deploy_dict, write_deploy
+from tests.server.deploys import TinyFamilyDirs, deploy_dict, write_deploy
 
 pytestmark = pytest.mark.server
 REPO = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ from server.engines.base import Engine, SizeLoad
 from server.errors import BadRequest, NotFound, TooManyRequests
 from server.gateway import load_family, tier_table
 from server.routing import Router, RouteRequest
-from tests.server.conftest import FAMILY, TinyFamilyDirs, deploy_dict
+from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict
 from tests.server.fakes import ScriptedEngine
 
 IDLE = SizeLoad(prefill_tokens_per_s=10_000.0, decode_step_s=0.01)

@@ -20,7 +20,7 @@ from server.engines.base import Engine, SizeLoad
 from server.engines.local.stats import PEAK_WINDOW_S, LoadEstimates
 from server.gateway import load_family
 from server.routing import Router, RouteRequest
-from tests.server.conftest import TinyFamilyDirs, deploy_dict
+from tests.server.deploys import TinyFamilyDirs, deploy_dict
 from tests.server.fakes import ScriptedEngine
 
 BATCH = 8

@@ -28,7 +28,7 @@ from server.app import create_app
 from server.config import DeployConfig, parse_config
 from server.engines.base import Engine, GenerationRequest
 from server.gateway import load_family
-from tests.server.conftest import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
+from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
 from tests.server.fakes import ScriptedEngine
 from tests.server.fuzz_checks import error_problem, sse_problem
 from tests.server.live import KEY, REPO, Server, free_port, launch, stop
