@@ -1,4 +1,4 @@
-"""``create_app(settings)``: the FastAPI app, its lifespan and the request guard.
+"""``create_app(settings)``: the FastAPI app, its lifespan, its guards and its API description.
 
 The lifespan starts bring-up (loading the family, starting the engines) in the background so that
 ``/health`` answers 503 while the model loads, and closes the engines in ``finally``.
@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,11 +16,11 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.middleware.cors import CORSMiddleware
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api import chat, completions, health, models
+from server.api.guards import DrainGuard, RequestGuard
 from server.config import DeployConfig
-from server.errors import BodyTooLarge, Unauthorized, error_response, install_error_handlers
+from server.errors import install_error_handlers
 from server.gateway import EngineFactory, FamilyLoader, Gateway, load_family, local_engine
 from server.metrics import GatewayMetrics
 from server.pool.setup import pool_engine, uses_pool
@@ -61,7 +59,7 @@ def create_app(
     for module in (chat, completions, models, health):
         app.include_router(module.router)
     app.openapi = functools.partial(openapi_schema, app, keyed=settings.auth.resolved_key() is not None)  # type: ignore[method-assign]
-    app.add_middleware(RequestGuard, gateway=gateway, api_key=settings.auth.resolved_key())
+    app.add_middleware(RequestGuard, config=settings, metrics=gateway.metrics)
     if settings.server.cors_allow_origins:  # outside the guard: preflights carry no key, and 401s get CORS headers
         app.add_middleware(
             CORSMiddleware,
@@ -69,80 +67,11 @@ def create_app(
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    app.add_middleware(gateway.drain.guard)  # outermost: counts requests in flight, answers while draining
+    app.add_middleware(DrainGuard, drain=gateway.drain)  # outermost: counts requests in flight, answers while draining
     return app
 
 
-class RequestGuard:
-    """Pure ASGI: checks the API key and refuses bodies above the limit before anything parses them
-    (the body is read here, counted, and replayed to the app).
-
-    With a key configured, every path needs it except the API description and, unless their
-    ``auth.protect_*`` switch is on, ``/health`` and ``/metrics``: deny by default, so a new route
-    cannot be left open by mistake."""
-
-    def __init__(self, app: ASGIApp, *, gateway: Gateway, api_key: str | None) -> None:
-        self.app = app
-        self.gateway = gateway
-        self.api_key = _digest(api_key.encode()) if api_key else None
-        self.max_body = gateway.config.limits.max_body_bytes
-        auth = gateway.config.auth
-        self.open_paths = set(_DOC_PATHS)
-        self.open_paths |= set() if auth.protect_health else {"/health"}
-        self.open_paths |= set() if auth.protect_metrics else {"/metrics"}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path: str = scope["path"]
-        error: Exception | None = None
-        if self.api_key is not None and path not in self.open_paths and not self._authorized(scope):
-            error = Unauthorized("invalid or missing API key: send 'Authorization: Bearer <key>'")
-        elif scope["method"] in ("POST", "PUT", "PATCH"):
-            body, too_large = await self._read_body(scope, receive)
-            if too_large:
-                error = BodyTooLarge(f"the request body is larger than the limit of {self.max_body} bytes")
-            else:
-                receive = _replay(body, receive)
-        if error is not None:
-            self.gateway.metrics.finished(None, "guard", getattr(error, "status", 400))
-            await error_response(error)(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-    def _authorized(self, scope: Scope) -> bool:
-        assert self.api_key is not None
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        # digests of equal length, compared in time independent of where they differ: neither the
-        # key's bytes nor its length can be timed
-        return hmac.compare_digest(_digest(token.strip()), self.api_key) and scheme.lower() == b"bearer"
-
-    async def _read_body(self, scope: Scope, receive: Receive) -> tuple[bytes, bool]:
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            return b"", True
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                return b"", True
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks), False
-
-
 STREAM_CHUNKS = (chat.ChatCompletionChunk, completions.CompletionChunk)
-
-
-def _digest(key: bytes) -> bytes:
-    return hashlib.sha256(key).digest()
 
 
 class QueryRedactor(logging.Filter):
@@ -155,9 +84,6 @@ class QueryRedactor(logging.Filter):
         if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str) and "?" in args[2]:
             record.args = (*args[:2], args[2].split("?", 1)[0] + "?[query not logged]", *args[3:])
         return True
-
-
-_DOC_PATHS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 
 
 def openapi_schema(app: FastAPI, *, keyed: bool) -> dict[str, Any]:
@@ -180,16 +106,3 @@ def openapi_schema(app: FastAPI, *, keyed: bool) -> dict[str, Any]:
             components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         app.openapi_schema = schema
     return app.openapi_schema
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay

@@ -1,6 +1,10 @@
 """The one error mapper: every error the gateway can meet becomes exactly one status and an
 OpenAI-shaped body ``{"error": {"message", "type", "param", "code"}}``; in a stream, the same body
-as an SSE event followed by ``data: [DONE]``. Messages are for the client: no stack traces."""
+as an SSE event followed by ``data: [DONE]``. Messages are for the client: no stack traces.
+
+Engines, the pool, the router and the services raise their own (domain) errors and know nothing of
+HTTP; :func:`to_api_error` is the one place that gives each of them its status. The :class:`ApiError`
+classes below are for the HTTP layer (``server/api/``) only."""
 
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from boomerang_core.errors import BoomerangError, ModelNotFound, SizeOutOfRange
-from server.engines.base import EngineError, QueueFull
+from server.engines.base import EngineError, QueueFull, RequestRejected
+from server.gateway import NotServing
+from server.routing import BudgetUnmeetable, RoutingError, SizeConflict, UnknownModel, UnknownSize
 
 log = logging.getLogger("boomerang.server")
 
@@ -107,8 +113,20 @@ def to_api_error(exc: BaseException) -> ApiError:
         return _validation_error(exc)
     if isinstance(exc, QueueFull):
         return TooManyRequests(str(exc), retry_after_s=exc.retry_after_s, code="queue_full")
+    if isinstance(exc, RequestRejected):
+        return BadRequest(str(exc), param=exc.param, code=exc.code)
     if isinstance(exc, EngineError):
         return NotReady(f"the engine could not serve this request: {exc}", code="engine_error")
+    if isinstance(exc, NotServing):
+        return NotReady(str(exc), code=exc.code)
+    if isinstance(exc, UnknownModel):
+        return NotFound(str(exc), param=exc.param)
+    if isinstance(exc, UnknownSize):
+        return NotFound(str(exc), param=exc.param, code="size_not_found")
+    if isinstance(exc, SizeConflict):
+        return BadRequest(str(exc), param=exc.param)
+    if isinstance(exc, BudgetUnmeetable):
+        return TooManyRequests(str(exc), retry_after_s=exc.retry_after_s, param=exc.param, code="budget_unmeetable")
     if isinstance(exc, SizeOutOfRange | ModelNotFound):
         return NotFound(str(exc), param="size", code="size_not_found")
     if isinstance(exc, BoomerangError):
@@ -174,5 +192,7 @@ def install_error_handlers(app: FastAPI) -> None:
             gateway.metrics.finished(getattr(request.state, "size", None), endpoint, response.status_code)
         return response
 
-    for exc_type in (ApiError, RequestValidationError, StarletteHTTPException, EngineError, BoomerangError, Exception):
+    handled = (ApiError, RequestValidationError, StarletteHTTPException, EngineError, RoutingError, NotServing,
+               BoomerangError, Exception)  # fmt: skip
+    for exc_type in handled:
         app.add_exception_handler(exc_type, handle)

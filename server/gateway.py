@@ -21,7 +21,6 @@ from boomerang_core.family import FAMILY_FILE, Family, FamilySize
 from boomerang_core.store import LayerStore
 from server.config import DeployConfig
 from server.engines.base import Engine, EngineError
-from server.errors import NotReady
 from server.lifecycle import Drain
 from server.metrics import GatewayMetrics
 from server.routing import Router
@@ -31,6 +30,16 @@ log = logging.getLogger("boomerang.server")
 # Bring-up failures that are the deploy's fault (a missing path, a size the family lacks, a budget
 # too small, an engine that cannot start): reported in one line, without a traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (BoomerangError, EngineError, OSError, ValueError)
+
+
+class NotServing(Exception):
+    """The gateway cannot serve now: still loading, bring-up failed, or the engine for the size is
+    dead. ``code``: ``not_ready`` or ``engine_unavailable``."""
+
+    def __init__(self, message: str, *, code: str = "not_ready") -> None:
+        super().__init__(message)
+        self.code = code
+
 
 FamilyLoader = Callable[[DeployConfig], Family]
 EngineFactory = Callable[[Family, Sequence[str], DeployConfig], Engine]
@@ -135,13 +144,13 @@ class Gateway:
     def ready(self) -> tuple[Family, Router]:
         problems = self.problems()
         if problems or self.family is None or self.router is None:
-            raise NotReady("the server is not ready: " + "; ".join(problems), code="not_ready")
+            raise NotServing("the server is not ready: " + "; ".join(problems), code="not_ready")
         return self.family, self.router
 
     def engine_for(self, size: FamilySize) -> Engine:
         engine = self.engines.get(size.name)
         if engine is None or not engine.healthy():
-            raise NotReady(f"no healthy engine serves size {size.name}", code="engine_unavailable")
+            raise NotServing(f"no healthy engine serves size {size.name}", code="engine_unavailable")
         return engine
 
     def served_name(self, size: FamilySize) -> str:

@@ -6,8 +6,9 @@ and requests in flight (streams included) run to their end. When none is left, o
 ``server.shutdown_grace_s``, the server shuts down and the process exits 0; a stream cut by the grace
 limit ends with an error event and ``data: [DONE]``, never silence. A second signal exits at once.
 
-:class:`DrainGuard` (pure ASGI, outermost) counts the requests in flight and answers for the app
-while it drains. :class:`GatewayServer` is uvicorn's server with that drain, and it also ends the
+:class:`Drain` is what the process knows about draining; the HTTP side of it, the pure-ASGI guard
+that counts requests in flight and answers for the app while it drains, is
+:class:`server.api.guards.DrainGuard`. :class:`GatewayServer` is uvicorn's server with that drain, and it also ends the
 process (exit 1) when bring-up fails instead of staying up half-configured. :func:`protocol_class` is
 uvicorn's HTTP protocol plus a header deadline: a connection that has not sent complete request
 headers within ``server.header_timeout_s`` is closed (uvicorn has no such timer; slowloris clients
@@ -17,50 +18,31 @@ would otherwise hold connections forever).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import uvicorn
-from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from server.errors import NotReady, error_response, sse_error
-
-if TYPE_CHECKING:
-    from server.gateway import Gateway
 
 log = logging.getLogger("boomerang.server")
-RETRY_AFTER_S = 5
 CUT_FLUSH_S = 2.0  # how long cut requests get to send their error event before the server closes
 FORCED_EXIT_S = 1.0  # after a second signal: how long the server gets to close sockets before a hard exit
-
-
-class ShuttingDown(NotReady):
-    """A request that arrives while the server drains, or one cut by the grace limit."""
-
-    default_code = "shutting_down"
-
-
-class TooManyConnections(NotReady):
-    """A request on a connection above ``server.max_connections``."""
-
-    default_code = "too_many_connections"
-
 
 # set in a request's ASGI scope by the HTTP protocol when the request arrived above the connection limit
 OVER_CONNECTION_LIMIT = "boomerang.over_connection_limit"
 
 
 @dataclass(eq=False)
-class _InFlight:
+class InFlight:
+    """One request the :class:`~server.api.guards.DrainGuard` let in, until its response has ended."""
+
     cancel: anyio.CancelScope
     started: bool = False  # http.response.start sent
     streaming: bool = False  # text/event-stream
@@ -69,12 +51,13 @@ class _InFlight:
 
 @dataclass(eq=False)
 class Drain:
-    """What the process knows about draining; shared by :class:`DrainGuard` and :class:`GatewayServer`."""
+    """What the process knows about draining; shared by :class:`~server.api.guards.DrainGuard` and
+    :class:`GatewayServer`."""
 
     grace_s: float = 30.0
     draining: bool = False
     started_at: float | None = None  # monotonic seconds
-    requests: set[_InFlight] = field(default_factory=set)
+    requests: set[InFlight] = field(default_factory=set)
     finished: int = 0  # requests that ran to their end while draining
     cut: int = 0  # requests cut by the grace limit
 
@@ -89,10 +72,6 @@ class Drain:
     def overdue(self) -> bool:
         return self.started_at is not None and time.monotonic() - self.started_at >= self.grace_s
 
-    def guard(self, app: ASGIApp) -> ASGIApp:
-        """The :class:`DrainGuard` around ``app`` (for ``app.add_middleware``)."""
-        return DrainGuard(app, drain=self)
-
     async def cut_all(self) -> None:
         """Cancel every request still in flight; each ends its stream with an error event."""
         for request in list(self.requests):
@@ -103,88 +82,14 @@ class Drain:
                 await asyncio.sleep(0.02)
 
 
-class DrainGuard:
-    """Pure ASGI, outermost: counts requests in flight and answers for the app while draining."""
-
-    def __init__(self, app: ASGIApp, *, drain: Drain) -> None:
-        self.app = app
-        self.drain = drain
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if scope.get(OVER_CONNECTION_LIMIT):
-            too_many = TooManyConnections("the server has too many open connections; retry shortly")
-            await _refused(too_many)(scope, receive, send)
-            return
-        if self.drain.draining:
-            path: str = scope["path"]
-            if path == "/health":
-                body = {"status": "draining", "problems": ["the server is shutting down"]}
-                headers = {"Retry-After": str(RETRY_AFTER_S), "Connection": "close"}
-                await JSONResponse(body, status_code=503, headers=headers)(scope, receive, send)
-                return
-            if path.startswith("/v1/"):
-                error = ShuttingDown("the server is shutting down; retry on another replica")
-                await _refused(error)(scope, receive, send)
-                return
-        request = _InFlight(anyio.CancelScope())
-        self.drain.requests.add(request)
-
-        async def tracked_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                request.started = True
-                headers = message.get("headers", [])
-                request.streaming = any(
-                    k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers
-                )
-                if self.drain.draining:  # do not keep a connection alive into a server that is going away
-                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                request.ended = True
-            await send(message)
-
-        try:
-            with request.cancel:
-                await self.app(scope, receive, tracked_send)
-            if request.cancel.cancelled_caught and not request.ended:
-                await _finish_cut(request, scope, receive, send)
-        finally:
-            self.drain.requests.discard(request)
-            if self.drain.draining and not request.cancel.cancel_called:
-                self.drain.finished += 1
-
-
-def _refused(error: NotReady) -> JSONResponse:
-    """The OpenAI-shaped 503 of a request the server will not take now; the connection is closed."""
-    response = error_response(error)
-    response.headers["Retry-After"] = str(RETRY_AFTER_S)
-    response.headers["Connection"] = "close"
-    return response
-
-
-async def _finish_cut(request: _InFlight, scope: Scope, receive: Receive, send: Send) -> None:
-    """A request cut by the grace limit: an error event ends its stream, or a 503 if nothing was sent."""
-    error = ShuttingDown("the server shut down before this request finished (shutdown grace period exceeded)")
-    with anyio.move_on_after(CUT_FLUSH_S), contextlib.suppress(Exception):
-        if not request.started:
-            await _refused(error)(scope, receive, send)
-        elif request.streaming:
-            body = (sse_error(error) + "data: [DONE]\n\n").encode()
-            await send({"type": "http.response.body", "body": body, "more_body": False})
-        else:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
 class GatewayServer(uvicorn.Server):
     """uvicorn's server with the drain, and an exit code: 0 after a drain, 1 when bring-up failed,
     128 + signal after a second signal."""
 
-    def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
+    def __init__(self, config: uvicorn.Config, drain: Drain, bring_up_failed: Callable[[], bool]) -> None:
         super().__init__(config)
-        self.gateway = gateway
-        self.drain = gateway.drain
+        self.drain = drain
+        self.bring_up_failed = bring_up_failed
         self.exit_code = 0
         self._announced = False
 
@@ -200,7 +105,7 @@ class GatewayServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         if not self.should_exit:
-            if self.gateway.failure is not None:  # bring-up logged why, on one line
+            if self.bring_up_failed():  # bring-up logged why, on one line
                 self.exit_code = 1
                 self.should_exit = True
             elif self.drain.draining:
@@ -233,7 +138,7 @@ def protocol_class(header_timeout_s: float) -> type[asyncio.Protocol]:
     request on a kept-alive connection. A connection still without complete headers is closed.
 
     With httptools, a request above uvicorn's ``limit_concurrency`` (``server.max_connections``) is
-    marked in its scope and goes to the app, whose :class:`DrainGuard` answers an OpenAI-shaped 503,
+    marked in its scope and goes to the app, whose :class:`~server.api.guards.DrainGuard` answers an OpenAI-shaped 503,
     instead of uvicorn's plain-text one (h11 keeps uvicorn's own answer)."""
     base: type[Any]
     httptools = importlib.util.find_spec("httptools") is not None

@@ -27,9 +27,37 @@ from boomerang_core.errors import SizeOutOfRange
 from boomerang_core.family import Family, FamilySize
 from server.config import RoutingConfig
 from server.engines.base import Engine, SizeLoad
-from server.errors import BadRequest, NotFound, TooManyRequests
 
 AUTO = "auto"
+
+
+class RoutingError(Exception):
+    """The router cannot place the request as it was asked; ``param`` is the request field to blame."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class UnknownModel(RoutingError):
+    """``model`` names another family."""
+
+
+class UnknownSize(RoutingError):
+    """No loaded size answers to the name, label or fraction (or none is loaded at all)."""
+
+
+class SizeConflict(RoutingError):
+    """The ``model`` tag and the ``size`` field name different sizes."""
+
+
+class BudgetUnmeetable(RoutingError):
+    """No served size meets the request's budgets and the server does not degrade; ``retry_after_s``:
+    when the queue in front of the smallest size is predicted to have drained."""
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after_s: float = 1.0) -> None:
+        super().__init__(message, param=param)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -126,9 +154,9 @@ class Router:
         name, _, tag = model.partition(":")
         if name.lower() != family.lower():
             served = ", ".join([family, *(f"{family}:{s.name}" for s in self.loaded())])
-            raise NotFound(f"the model '{model}' does not exist; this server serves {served}", param="model")
+            raise UnknownModel(f"the model '{model}' does not exist; this server serves {served}", param="model")
         if tag and size is not None and tag.strip().lower() != str(size).strip().lower():
-            raise BadRequest(f"the model tag '{tag}' and size '{size}' disagree; send one of them", param="size")
+            raise SizeConflict(f"the model tag '{tag}' and size '{size}' disagree; send one of them", param="size")
         text = size if size is not None else (tag or None)
         return None if text is None else str(text).strip()
 
@@ -141,17 +169,16 @@ class Router:
         try:
             wanted = self.family.resolve(key)
         except SizeOutOfRange as exc:
-            raise NotFound(f"{exc}. {self._served_text(loaded)}", param="size", code="size_not_found") from None
+            raise UnknownSize(f"{exc}. {self._served_text(loaded)}", param="size") from None
         if wanted in loaded:
             return wanted
         if key == wanted.name:
             why = "is dominated (larger and no better than a smaller size)" if wanted.dominated else "is not loaded"
             message = f"size {wanted.name} {why}. {self._served_text(loaded)}"
-            raise NotFound(message, param="size", code="size_not_found")
+            raise UnknownSize(message, param="size")
         below = [s for s in loaded if not s.dominated and s.params <= wanted.params]
         if not below:
-            raise NotFound(f"no loaded size is at most '{text}'. {self._served_text(loaded)}", param="size",
-                           code="size_not_found")  # fmt: skip
+            raise UnknownSize(f"no loaded size is at most '{text}'. {self._served_text(loaded)}", param="size")
         return below[-1]
 
     def _served_text(self, loaded: list[FamilySize]) -> str:
@@ -251,7 +278,7 @@ class Router:
     def choose(self, request: RouteRequest) -> Decision:
         try:
             decision = self._choose(request)
-        except TooManyRequests:
+        except BudgetUnmeetable:
             self.on_decision(None, "rejected")
             raise
         self.on_decision(decision.size.name, decision.reason)
@@ -260,7 +287,7 @@ class Router:
     def _choose(self, req: RouteRequest) -> Decision:
         loaded = self.loaded()
         if not loaded:
-            raise NotFound("no size is loaded", param="size", code="size_not_found")
+            raise UnknownSize("no size is loaded", param="size")
 
         def predict(s: FamilySize) -> Prediction:
             return self.predict(s, req.prompt_tokens, req.max_tokens, req.n)
@@ -303,12 +330,11 @@ class Router:
         fallback = predict(smallest)
         if self.config.allow_degrade:
             return Decision(smallest, "degraded", fallback)
-        raise TooManyRequests(
+        raise BudgetUnmeetable(
             f"no served size meets {self._budget_text(req)}: even the smallest, {fallback.explain()}; "
             f"the largest candidate, {best_missed.explain()}. This server does not degrade "
             "(routing.allow_degrade is false): relax the budgets or retry when the load is lower",
             param="max_latency_ms" if req.max_latency_ms is not None else "max_memory_gb",
-            code="budget_unmeetable",
             retry_after_s=max(1.0, fallback.queue_ms / 1e3),
         )
 

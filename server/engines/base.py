@@ -76,13 +76,27 @@ class SizeLoad:
 
 
 class EngineError(Exception):
-    """An engine could not serve a request (dead replica, bad request it discovered)."""
+    """An engine could not serve a request (a dead replica, a worker that failed). The gateway
+    answers 503; the subclasses below are the engine's other answers."""
 
 
 class QueueFull(EngineError):
+    """Admission refused: the queue is full. ``retry_after_s``: when a retry may find room."""
+
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class RequestRejected(EngineError):
+    """The engine refuses the request as it was sent (a shorter context on a replica or worker, a
+    field it cannot serve): the client's error, kept with the ``param`` and ``code`` to blame, and
+    never retried on another replica."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
 
 
 class Engine(abc.ABC):
@@ -101,7 +115,8 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """Stream events for one request; raises QueueFull at admission, EngineError on failure.
+        """Stream events for one request; raises QueueFull at admission, RequestRejected for a request
+        it cannot serve as sent, EngineError on failure.
         Closing the iterator early (client gone) aborts the request."""
 
     @abc.abstractmethod

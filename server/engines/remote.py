@@ -3,9 +3,9 @@
 The worker is another boomerang process serving one size, or a vLLM server; in a cluster, a
 Kubernetes Service in front of its replicas. Requests go to ``/v1/completions`` with the prompt as
 token ids, streamed back as SSE and turned into :class:`TokenEvent`. The worker's errors keep their
-message: HTTP 429 becomes :class:`QueueFull`, a 400 (the worker's own limits) stays a 400 with its
-code, every other failure :class:`EngineError`. ``/health`` is polled so that a dead worker shows as
-an unhealthy engine instead of failing requests one by one.
+message: HTTP 429 becomes :class:`QueueFull`, a 400 (the worker's own limits) :class:`RequestRejected`
+with its param and code, every other failure :class:`EngineError`. ``/health`` is polled so that a
+dead worker shows as an unhealthy engine instead of failing requests one by one.
 """
 
 from __future__ import annotations
@@ -19,15 +19,18 @@ from typing import Any
 
 import httpx
 
-from server.engines.base import Engine, EngineError, GenerationRequest, QueueFull, SizeLoad, TokenEvent, TokenLogprob
-from server.errors import BadRequest
+from server.engines.base import (
+    Engine,
+    EngineError,
+    GenerationRequest,
+    QueueFull,
+    RequestRejected,
+    SizeLoad,
+    TokenEvent,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
-
-
-class WorkerBadRequest(BadRequest, EngineError):
-    """The worker answered 400 (its own limits, e.g. a shorter context): the client sees that 400, code
-    included, and the pool does not retry it elsewhere."""
 
 
 class RemoteEngine(Engine):
@@ -143,9 +146,9 @@ class RemoteEngine(Engine):
         if self._is_vllm:
             optional |= {"return_token_ids": True, "stop_token_ids": list(p.stop_token_ids) or None}
         elif p.stop_token_ids:
-            raise WorkerBadRequest("stop_token_ids need a vLLM worker", param="stop_token_ids")
+            raise RequestRejected("stop_token_ids need a vLLM worker", param="stop_token_ids")
         if p.prompt_logprobs is not None:
-            raise WorkerBadRequest("prompt logprobs (echo) are not served through a remote worker", param="echo")
+            raise RequestRejected("prompt logprobs (echo) are not served through a remote worker", param="echo")
         body.update({k: v for k, v in optional.items() if v is not None})
         return body
 
@@ -224,7 +227,7 @@ def _http_error(response: httpx.Response) -> EngineError:
         message = response.text[:500]
     if response.status_code == 400:  # the worker's own limits (a shorter context): the client's error, kept
         error = _error_fields(response)
-        return WorkerBadRequest(message, param=error.get("param"), code=error.get("code"))
+        return RequestRejected(message, param=error.get("param"), code=error.get("code"))
     if response.status_code == 429:
         retry = response.headers.get("retry-after", "1")
         return QueueFull(f"the worker is busy: {message}", retry_after_s=float(retry) if retry.isdigit() else 1.0)

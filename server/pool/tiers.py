@@ -19,8 +19,15 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
-from server.engines.base import Engine, EngineError, GenerationRequest, QueueFull, SizeLoad, TokenEvent
-from server.errors import ApiError
+from server.engines.base import (
+    Engine,
+    EngineError,
+    GenerationRequest,
+    QueueFull,
+    RequestRejected,
+    SizeLoad,
+    TokenEvent,
+)
 from server.pool.metrics import PoolMetrics
 
 log = logging.getLogger(__name__)
@@ -215,7 +222,7 @@ class TierPool(Engine):
                         self._observe_ttft(tier, time.perf_counter() - arrived)
                     yield event
                 return
-            except (QueueFull, ApiError):  # busy, or the request itself is wrong: no other replica helps
+            except (QueueFull, RequestRejected):  # busy, or the request itself is wrong: no other replica helps
                 raise
             except EngineError:
                 if got_token or attempt == 2:

@@ -7,9 +7,9 @@ import pytest
 from boomerang_core.family import Family
 from server.config import RoutingConfig, parse_config
 from server.engines.base import Engine, SizeLoad
-from server.errors import BadRequest, NotFound, TooManyRequests
+from server.errors import to_api_error
 from server.gateway import load_family, tier_table
-from server.routing import Router, RouteRequest
+from server.routing import BudgetUnmeetable, Router, RouteRequest, SizeConflict, UnknownModel, UnknownSize
 from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict
 from tests.server.fakes import ScriptedEngine
 
@@ -59,11 +59,12 @@ def test_names_labels_fractions_and_tiers(family: Family) -> None:
 def test_unknown_dominated_and_unloaded_sizes_are_404(family: Family) -> None:
     router, _, _ = make_router(family)
     for text, words in [("k9", "cannot read"), ("k1", "dominated"), ("huge", "cannot read"), ("1K", "no size")]:
-        with pytest.raises(NotFound, match=words) as info:
+        with pytest.raises(UnknownSize, match=words) as info:
             router.choose(ask(text))
-        assert "Served sizes: k0" in info.value.message
+        assert "Served sizes: k0" in str(info.value)
+        assert to_api_error(info.value).status == 404
     small, _, _ = make_router(family, sizes=("k0", "k3"))
-    with pytest.raises(NotFound, match="not loaded"):
+    with pytest.raises(UnknownSize, match="not loaded"):
         small.choose(ask("k5"))
     assert small.choose(ask("0.9")).size.name == "k3"  # a label or fraction falls to a loaded size below
 
@@ -73,10 +74,12 @@ def test_model_names_and_tags(family: Family) -> None:
     assert router.size_text(FAMILY, None) is None
     assert router.size_text(f"{FAMILY}:96M", None) == "96M"
     assert router.size_text(f"{FAMILY}:k3", "k3") == "k3"
-    with pytest.raises(NotFound, match=f"serves {FAMILY}, {FAMILY}:k0"):
+    with pytest.raises(UnknownModel, match=f"serves {FAMILY}, {FAMILY}:k0") as missing:
         router.size_text("gpt-4o", None)
-    with pytest.raises(BadRequest, match="disagree"):
+    assert to_api_error(missing.value).status == 404
+    with pytest.raises(SizeConflict, match="disagree") as conflict:
         router.size_text(f"{FAMILY}:k3", "k4")
+    assert to_api_error(conflict.value).status == 400
 
 
 def test_memory_budget_is_the_weights_of_the_chosen_size(family: Family) -> None:
@@ -117,11 +120,11 @@ def test_no_size_fits_degrades_or_refuses_saying_why(family: Family) -> None:
     d = router.choose(ask(latency=0.001))
     assert (d.size.name, d.reason) == ("k0", "degraded")
     strict, _, decisions = make_router(family, allow_degrade=False)
-    with pytest.raises(TooManyRequests) as info:
+    with pytest.raises(BudgetUnmeetable) as info:
         strict.choose(ask(latency=0.001, memory=10))
-    message = info.value.message
+    message, error = str(info.value), to_api_error(info.value)
     assert "max_latency_ms=0.001" in message and "k0" in message and "predicted" in message
-    assert "allow_degrade" in message and info.value.headers["Retry-After"]
+    assert "allow_degrade" in message and error.headers["Retry-After"] and error.status == 429
     assert decisions[-1] == (None, "rejected")
 
 

@@ -34,13 +34,13 @@ from server.engines.base import (
     Engine,
     EngineError,
     GenerationRequest,
+    RequestRejected,
     SamplingParams,
     SizeLoad,
     TokenEvent,
     TokenLogprob,
 )
 from server.engines.vllm.stepper import VllmStepper
-from server.errors import BadRequest
 
 _GB = 1e9
 log = logging.getLogger(__name__)
@@ -194,11 +194,11 @@ class VllmReplica(Engine):
         return self._stream(stream)
 
     def _check_context(self, request: GenerationRequest) -> None:
-        """A 400 for a prompt vLLM would refuse: ``max_model_len`` may be below the model's context, which
+        """Rejected (a 400) for a prompt vLLM would refuse: ``max_model_len`` may be below the model's context, which
         is what the gateway checks against. A longer generation is stopped at the limit (``length``)."""
         limit, prompt = self.settings.max_model_len, len(request.prompt_ids)
         if prompt >= limit:
-            raise BadRequest(
+            raise RequestRejected(
                 f"the prompt has {prompt} tokens; size {self.size.name} is served with a context of {limit}",
                 param="prompt", code="context_length_exceeded",
             )  # fmt: skip
