@@ -4,63 +4,40 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from boomerang_core.plan import SizePlan
+from boomerang_core.plan import LayerRef, SizePlan
 from boomerang_core.store import LayerStore
 
 PLAN_FILE = "boomerang_plan.json"
 
 
-class DepthCacheView:
-    """A KV cache seen from one depth: ``update`` files keys and values under ``depth``,
-    whatever ``layer_idx`` the shared layer carries from the model it came from."""
-
-    __slots__ = ("_cache", "_depth")
-
-    def __init__(self, cache: Any, depth: int) -> None:
-        self._cache = cache
-        self._depth = depth
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
-    ) -> Any:
-        return self._cache.update(key_states, value_states, self._depth, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._cache, name)
-
-
-class DepthBoundLayer(nn.Module):
-    """A store layer placed at ``depth`` of one size. The layer itself is shared and never mutated."""
-
-    def __init__(self, layer: nn.Module, depth: int, attention_type: str | None = None) -> None:
-        super().__init__()
-        self.layer = layer
-        self.depth = depth
-        if attention_type is not None:
-            self.attention_type = attention_type
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        for key in ("past_key_values", "layer_past"):
-            cache = kwargs.get(key)
-            if cache is not None:
-                kwargs[key] = DepthCacheView(cache, self.depth)
-        return self.layer(*args, **kwargs)
+def layers_config(
+    store: LayerStore, refs: Sequence[LayerRef], attn_implementation: str | None = None
+) -> PretrainedConfig:
+    """The teacher's config for a stack of ``refs``: their count and per-depth layer types, and the
+    attention function registered in transformers' ``AttentionInterface`` under ``attn_implementation``
+    (the teacher's own when None)."""
+    teacher = store.configs["teacher"]
+    if attn_implementation is None:
+        config = copy.deepcopy(teacher)
+    else:
+        config = type(teacher).from_dict(teacher.to_dict(), attn_implementation=attn_implementation)
+    config.num_hidden_layers = len(refs)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [store.layer_type(r) for r in refs]
+    return config
 
 
 def size_config(store: LayerStore, plan: SizePlan) -> PretrainedConfig:
     """The teacher's config with this size's layer count, per-depth layer types and tying."""
-    config = copy.deepcopy(store.configs["teacher"])
-    config.num_hidden_layers = plan.num_layers
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [store.layer_type(r) for r in plan.layers]
+    config = layers_config(store, plan.layers)
     head_w = _weight(store.heads[plan.head])
     embed_w = _weight(store.embeds[plan.embed])
     config.tie_word_embeddings = head_w.data_ptr() == embed_w.data_ptr()
@@ -76,20 +53,57 @@ def _weight(module: nn.Module) -> torch.Tensor:
     return weight
 
 
-def build(plan: SizePlan, store: LayerStore) -> PreTrainedModel:
-    """A causal LM whose modules ARE the store's: no weight is copied or allocated.
+def bind_layer(shell: nn.Module, layer: nn.Module) -> nn.Module:
+    """Make every module of ``shell`` that holds tensors the module at the same path in ``layer``.
 
-    The container is created on the meta device and its parts are replaced by store modules;
-    every layer is wrapped in :class:`DepthBoundLayer` so that several sizes can share a layer
-    at different depths. Works with ``generate``.
+    ``shell`` is a decoder layer of the same class built on the meta device for one depth of one
+    size: its containers (the layer, its attention, its MLP) stay its own and carry that depth
+    (``layer_idx``, attention type), while its weights ARE the store layer's. Several sizes thus
+    hold one store layer at different depths with nothing copied, and nothing of the store layer
+    (no attribute, no hook) is changed. Returns ``shell``."""
+    if type(shell) is not type(layer):
+        raise TypeError(f"cannot bind a {type(layer).__name__} into a {type(shell).__name__}")
+    for name, child in list(shell.named_children()):
+        source = layer.get_submodule(name)
+        if _holds_tensors(child) or _holds_tensors(source):
+            shell.register_module(name, source)
+        else:
+            bind_layer(child, source)
+    return shell
+
+
+def _holds_tensors(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
+
+
+def bound_layers(store: LayerStore, refs: Sequence[LayerRef], config: PretrainedConfig) -> list[nn.Module]:
+    """One decoder layer of ``config`` per ref, at depth = its position, bound to the store layer
+    (see :func:`bind_layer`); ``config`` is :func:`layers_config` of ``refs``."""
+    out = []
+    for depth, ref in enumerate(refs):
+        layer = store.layer(ref)
+        with torch.device("meta"):
+            shell = type(layer)(config, depth)
+        out.append(bind_layer(shell, layer).eval())
+    return out
+
+
+def build(plan: SizePlan, store: LayerStore) -> PreTrainedModel:
+    """A causal LM whose weights ARE the store's: no weight is copied or allocated.
+
+    The model is created on the meta device; its embeddings, final norm, head and rotary embedding
+    are replaced by the store's modules and each decoder layer is bound to its store layer
+    (:func:`bind_layer`), so that several sizes share a layer at different depths, each with its
+    own ``layer_idx`` (KV cache slot) and its own transformers hooks. Works with ``generate``.
     """
     config = size_config(store, plan)
     with torch.device("meta"):
         model = store.model_class(config)
-    layers = nn.ModuleList(
-        DepthBoundLayer(store.layer(r), depth, store.layer_type(r)) for depth, r in enumerate(plan.layers)
-    )
-    store.adapter.set_parts(
+    adapter = store.adapter
+    layers = adapter.get_layers(model)
+    for shell, ref in zip(layers, plan.layers, strict=True):
+        bind_layer(shell, store.layer(ref))
+    adapter.set_parts(
         model,
         embed=store.embeds[plan.embed],
         layers=layers,
@@ -103,27 +117,7 @@ def build(plan: SizePlan, store: LayerStore) -> PreTrainedModel:
     if store.generation_config is not None:
         model.generation_config = copy.deepcopy(store.generation_config)
     model.boomerang_plan = plan  # type: ignore[assignment]
-    _install_shared_capture_hooks(model)
     return model.eval()
-
-
-def _install_shared_capture_hooks(model: nn.Module) -> None:
-    """transformers installs its ``output_hidden_states`` capture hooks on a model's layers the
-    first time one model asks for them. The layers are shared by every size, so each size would
-    add its own hook to the same module and hidden states would be captured once per size. Install
-    them now and keep one hook per module and capture task."""
-    from transformers.utils.output_capturing import maybe_install_capturing_hooks
-
-    maybe_install_capturing_hooks(model)  # type: ignore[arg-type]
-    for module in model.modules():
-        seen: set[tuple[Any, ...]] = set()
-        for handle_id, hook in list(module._forward_hooks.items()):
-            if getattr(hook, "__name__", "") != "output_capturing_hook" or hook.__closure__ is None:
-                continue
-            key = tuple(cell.cell_contents for cell in hook.__closure__)
-            if key in seen:
-                del module._forward_hooks[handle_id]
-            seen.add(key)
 
 
 def plan_state_dict(plan: SizePlan, store: LayerStore) -> dict[str, torch.Tensor]:

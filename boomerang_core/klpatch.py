@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from boomerang_core.assemble import DepthBoundLayer, build
+from boomerang_core.arch import adapter_for
+from boomerang_core.assemble import build
 from boomerang_core.errors import StudentConfigError
 from boomerang_core.plan import SizePlan, plan_for_patched, teacher_plan
 from boomerang_core.store import LayerStore
@@ -198,7 +199,7 @@ def _head_cost(store: LayerStore) -> float:
 def record_layer_inputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     """Record the hidden state entering each decoder layer of a built size, in depth order.
 
-    Hooks go on the size's own per-depth wrappers, never on the shared store layers (and
+    Hooks go on the size's own per-depth layers, never on the shared store layers (and
     ``output_hidden_states`` is not used: transformers installs its capture hooks permanently on
     the layer modules, which every size shares).
     """
@@ -220,7 +221,4 @@ def record_layer_inputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 def _layer_list(model: nn.Module) -> nn.ModuleList:
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and module and isinstance(module[0], DepthBoundLayer):
-            return module
-    raise RuntimeError("not a size built by boomerang_core.assemble.build")
+    return adapter_for(model.config).get_layers(model)

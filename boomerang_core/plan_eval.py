@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from boomerang_core.assemble import DepthBoundLayer, build
+from boomerang_core.assemble import build
 from boomerang_core.plan import LayerRef, SizePlan, Source, teacher_plan
 from boomerang_core.store import LayerStore
 
@@ -90,8 +90,7 @@ def run_layers(store: LayerStore, plan: SizePlan, refs: Sequence[LayerRef], hidd
     def hook(_m: nn.Module, _args: Any, output: Any) -> None:
         outputs.append(output[0] if isinstance(output, tuple) else output)
 
-    wrappers = [m for m in model.modules() if isinstance(m, DepthBoundLayer)]
-    handles = [w.register_forward_hook(hook) for w in wrappers]
+    handles = [layer.register_forward_hook(hook) for layer in store.adapter.get_layers(model)]
     try:
         store.adapter.base_model(model)(inputs_embeds=hidden, use_cache=False)
     finally:
