@@ -33,10 +33,11 @@ from boomerang_core import demo
 from boomerang_core.alignment import StudentSpec
 from boomerang_core.baselines import block_influence, shortgpt_plan, undistilled_plan
 from boomerang_core.data import corpus_texts, token_blocks
-from boomerang_core.evaluate import evaluate_family, perplexities, plan_signature
+from boomerang_core.evaluate import evaluate_family
 from boomerang_core.family import FAMILY_FILE, Family
 from boomerang_core.klpatch import KLPatchResult, klpatch_search
 from boomerang_core.plan import enumerate_plans, patch_order
+from boomerang_core.plan_eval import perplexities
 from boomerang_core.store import LayerStore
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -146,9 +147,9 @@ def teacher_baselines(a: argparse.Namespace, path: Path) -> int:
     plans = [shortgpt_plan(influence, n) for n in range(spec.num_student_layers, store.num_teacher_layers + 1)]
     for order in ("last", "first"):
         plans += [undistilled_plan(p, spec) for p in enumerate_plans(spec, patch_order(spec, order))]
-    unique = list({plan_signature(p): p for p in plans}.values())
+    unique = list({p.key: p for p in plans}.values())
     values = perplexities(store, unique, heldout_ids, batch_size=a.batch_size, progress=True)
-    _save_known(path, heldout_ids, {plan_signature(p): v for p, v in zip(unique, values, strict=True)})
+    _save_known(path, heldout_ids, {p.key: v for p, v in zip(unique, values, strict=True)})
     return 0
 
 

@@ -21,12 +21,11 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from boomerang_core.assemble import build
-from boomerang_core.baselines import undistilled_plan
+from boomerang_core.baselines import shortgpt_plan, undistilled_plan
 from boomerang_core.data import corpus_texts, token_blocks
 from boomerang_core.demo import (
     CALIB_BLOCKS,
@@ -41,12 +40,12 @@ from boomerang_core.distill import RECIPE_FILE
 from boomerang_core.family import FAMILY_FILE, Family
 from boomerang_core.klpatch import klpatch_order
 from boomerang_core.plan import SizePlan, enumerate_plans, patch_order, plan_for_patched
-from boomerang_core.plan_eval import plan_key, score_plans, teacher_pass
-from boomerang_core.search import SearchResult, edge_costs, family_from_search, search, shortgpt_plan
+from boomerang_core.plan_eval import score_plans, teacher_pass
+from boomerang_core.search import SearchResult, edge_costs, family_from_search, search
 from boomerang_core.store import LayerStore, unique_storage_bytes
 
 RESULTS = Path(__file__).parent / "results"
-PlanKey = tuple[Any, ...]
+PlanKey = str  # SizePlan.key
 ORDERS = ("last", "first", "klpatch")
 
 
@@ -132,7 +131,7 @@ def main() -> None:
 
     tokens = {"calib": int(calib_ids.numel()), "heldout": int(heldout_ids.numel())}
     family = family_from_search(
-        DEMO_NAME, store, result, [ppl[plan_key(p)] for p in result.plans], k_best=a.k_best, tokens=tokens
+        DEMO_NAME, store, result, [ppl[p.key] for p in result.plans], k_best=a.k_best, tokens=tokens
     )
     before = store.resident_bytes()
     built = [build(s.plan, store) for s in family.sizes]
@@ -173,14 +172,14 @@ class ScoreCache:
 
     def perplexities(self, store: LayerStore, plans: list[SizePlan]) -> dict[PlanKey, float]:
         """Held-out perplexity of every plan, scoring only those not cached (one shared-prefix walk)."""
-        out = {plan_key(p): self.data[self.key(p)] for p in plans if self.key(p) in self.data}
-        todo = list({plan_key(p): p for p in plans if plan_key(p) not in out}.values())
+        out = {p.key: self.data[self.key(p)] for p in plans if self.key(p) in self.data}
+        todo = list({p.key: p for p in plans if p.key not in out}.values())
         print(f"held-out: {len(out)} plans cached, {len(todo)} to score", flush=True)
         scores = score_plans(store, todo, self.heldout_ids, progress=True, desc="held-out")
         for p, score in zip(todo, scores, strict=True):
-            out[plan_key(p)] = math.exp(score.nll)
+            out[p.key] = math.exp(score.nll)
             if p.sources() == {"teacher"}:
-                self.data[self.key(p)] = out[plan_key(p)]
+                self.data[self.key(p)] = out[p.key]
         self.path.write_text(json.dumps(self.data, indent=0))
         return out
 
@@ -237,7 +236,7 @@ def table_rows(
     """One row per layer count; an order's value is its best size with that many layers."""
 
     def best_at(plans: list[SizePlan], n: int) -> float | None:
-        vals = [ppl[plan_key(p)] for p in plans if p.num_layers == n]
+        vals = [ppl[p.key] for p in plans if p.num_layers == n]
         return min(vals) if vals else None
 
     by_layers = {s.num_layers: s for s in family.sizes}
@@ -252,7 +251,7 @@ def table_rows(
                 student_layers=sum(r.source == "student" for r in size.plan.layers) if size else 0,
                 origin=size.plan.origin if size else "",
                 plan=size.plan.describe() if size else "",
-                shortgpt=ppl[plan_key(shortgpt[n])],
+                shortgpt=ppl[shortgpt[n].key],
                 orders={o: best_at(plans, n) for o, plans in orders.items()},
                 undistilled=best_at(undistilled, n),
             )

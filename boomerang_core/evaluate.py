@@ -19,13 +19,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from boomerang_core.assemble import build
 from boomerang_core.baselines import block_influence, shortgpt_plan, undistilled_plan
 from boomerang_core.errors import StudentConfigError
-from boomerang_core.family import Family, FamilySize
-from boomerang_core.klpatch import KLPatchResult, klpatch_search, record_layer_inputs
+from boomerang_core.family import Family, mark_dominated
+from boomerang_core.klpatch import KLPatchResult, klpatch_search
 from boomerang_core.plan import PATCH_ORDERS, SizePlan, enumerate_plans, patch_order
-from boomerang_core.store import LayerStore
+from boomerang_core.plan_eval import perplexities
 
 
 @torch.no_grad()
@@ -50,69 +49,6 @@ def perplexity(
         total_nll += float(nll)
         total_tokens += ids[:, 1:].numel()
     return math.exp(total_nll / total_tokens)
-
-
-@torch.no_grad()
-def perplexities(
-    store: LayerStore, plans: Sequence[SizePlan], blocks: torch.Tensor, batch_size: int = 4, progress: bool = False
-) -> list[float]:
-    """:func:`perplexity` of many plans over one store, sharing the work of common layer prefixes.
-
-    Plans are visited in sorted order (embeddings, then layers), where each plan's longest shared
-    prefix with any earlier plan is its prefix shared with the previous one; the hidden states
-    recorded at the previous plan's layer inputs are fed to a size built from the remaining
-    layers. Sizes of one order, the baselines' teacher layers and ShortGPT's nested drop sets
-    share long prefixes, so this roughly halves the layer work. Returns one value per plan.
-    """
-    if blocks.dim() != 2 or blocks.shape[1] < 2:
-        raise ValueError(f"blocks must be (n, seq) token ids with seq >= 2, got shape {tuple(blocks.shape)}")
-    ranked = sorted(range(len(plans)), key=lambda i: _sort_key(plans[i]))
-    runs: list[tuple[int, int, nn.Module]] = []  # (plan index, shared prefix depth, model of the rest)
-    prev: SizePlan | None = None
-    for i in ranked:
-        plan = plans[i]
-        shared = _shared_prefix(prev, plan)
-        runs.append((i, shared, build(replace(plan, layers=plan.layers[shared:]), store)))
-        prev = plan
-    nll = [0.0] * len(plans)
-    batches = blocks.split(batch_size)
-    bar = tqdm(total=len(batches) * len(runs), desc="perplexity", unit="size", disable=not progress)
-    with bar:
-        for ids in batches:
-            ids = ids.to(store.device)
-            states: list[torch.Tensor] = []
-            for i, shared, model in runs:
-                with record_layer_inputs(model) as recorded:
-                    if shared == 0:
-                        logits = model(input_ids=ids, use_cache=False).logits
-                    else:
-                        logits = model(inputs_embeds=states[shared], use_cache=False).logits
-                states = states[:shared] + recorded
-                nll[i] += float(
-                    nn.functional.cross_entropy(
-                        logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"
-                    )
-                )
-                bar.update(1)
-    n_predicted = blocks.shape[0] * (blocks.shape[1] - 1)
-    return [math.exp(v / n_predicted) for v in nll]
-
-
-def _sort_key(plan: SizePlan) -> tuple[object, ...]:
-    return (plan.embed, [(r.source, r.index) for r in plan.layers], plan.norm, plan.head)
-
-
-def _shared_prefix(prev: SizePlan | None, plan: SizePlan) -> int:
-    """Layers at the start of ``plan`` whose inputs ``prev`` already computed (at least one of
-    ``plan``'s layers always runs, since its output is needed)."""
-    if prev is None or prev.embed != plan.embed:
-        return 0
-    n = 0
-    for a, b in zip(prev.layers, plan.layers, strict=False):
-        if a != b:
-            break
-        n += 1
-    return min(n, plan.num_layers - 1, prev.num_layers - 1)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -157,7 +93,7 @@ class CurveResult:
     heldout_tokens: int
     calib_tokens: int
     seconds: float
-    scores: dict[str, float] = field(default_factory=dict)  # plan_signature -> perplexity, every plan run
+    scores: dict[str, float] = field(default_factory=dict)  # SizePlan.key -> perplexity, every plan run
 
     # --- verdicts -----------------------------------------------------------------------------
 
@@ -230,25 +166,6 @@ class CurveResult:
         return curve_plot(self, Path(path))
 
 
-def mark_dominated(sizes: Sequence[FamilySize]) -> list[FamilySize]:
-    """Sizes in the same order, ``dominated`` set where another size with no more parameters has
-    no higher perplexity (DESIGN.md section 4: the router never picks these). Of two sizes with
-    equal parameters and perplexity the one patched further (higher k) is dominated. Sizes
-    without a perplexity are left as they are."""
-    ranked = sorted(
-        (i for i, s in enumerate(sizes) if s.perplexity is not None),
-        key=lambda i: (sizes[i].params, sizes[i].perplexity, sizes[i].k),
-    )
-    out = list(sizes)
-    best = math.inf
-    for i in ranked:
-        ppl = sizes[i].perplexity
-        assert ppl is not None
-        out[i] = replace(sizes[i], dominated=ppl >= best)
-        best = min(best, ppl)
-    return out
-
-
 def evaluate_family(
     family: Family,
     heldout_blocks: torch.Tensor,
@@ -266,7 +183,7 @@ def evaluate_family(
     ``klpatch_result`` is given) and ShortGPT's block influence. Each distinct plan is scored
     once, so the student, the teacher and sizes shared by orders cost one pass each. Records the
     perplexities and the dominated marks into ``family.sizes``. ``known`` maps
-    :func:`plan_signature` to perplexities already measured on the same held-out blocks (e.g. the
+    :attr:`SizePlan.key` to perplexities already measured on the same held-out blocks (e.g. the
     teacher-only baselines, computed before the student existed); those plans are not run again.
     """
     store = family.store
@@ -293,23 +210,21 @@ def evaluate_family(
     every = [*family_plans, *undistilled_plans, *shortgpt_plans.values()]
     every += [p for plans in order_plans.values() for p in plans]
     known = known or {}
-    scores = {_plan_key(p): known[plan_signature(p)] for p in every if plan_signature(p) in known}
-    todo = list({_plan_key(p): p for p in every if _plan_key(p) not in scores}.values())
+    scores = {p.key: known[p.key] for p in every if p.key in known}
+    todo = [p for p in every if p.key not in scores]
     values = perplexities(store, todo, heldout_blocks, batch_size=batch_size, progress=progress)
-    scores.update({_plan_key(p): v for p, v in zip(todo, values, strict=True)})
+    scores.update({p.key: v for p, v in zip(todo, values, strict=True)})
 
     def point(plan: SizePlan, name: str) -> CurvePoint:
-        return CurvePoint(name, plan.k, plan.num_layers, store.plan_params(plan), scores[_plan_key(plan)])
+        return CurvePoint(name, plan.k, plan.num_layers, store.plan_params(plan), scores[plan.key])
 
-    family.sizes = mark_dominated(
-        [replace(s, perplexity=scores[_plan_key(s.plan)], dominated=False) for s in family.sizes]
-    )
+    family.sizes = mark_dominated([replace(s, perplexity=scores[s.plan.key], dominated=False) for s in family.sizes])
     result = CurveResult(
         family=family.name,
         family_order=family.order,
         sizes=[point(s.plan, s.name) for s in family.sizes],
         dominated=[s.dominated for s in family.sizes],
-        undistilled=[scores[_plan_key(p)] for p in undistilled_plans],
+        undistilled=[scores[p.key] for p in undistilled_plans],
         shortgpt={n: point(p, f"shortgpt-{n}") for n, p in shortgpt_plans.items()},
         shortgpt_dropped={n: p.dropped for n, p in shortgpt_plans.items()},
         block_influence=influence,
@@ -318,7 +233,7 @@ def evaluate_family(
         heldout_tokens=heldout_blocks.numel(),
         calib_tokens=calib_blocks.numel(),
         seconds=time.perf_counter() - start,
-        scores={plan_signature(p): scores[_plan_key(p)] for p in every},
+        scores={p.key: scores[p.key] for p in every},
     )
     family.info["evaluation"] = {
         "heldout_tokens": result.heldout_tokens,
@@ -327,16 +242,6 @@ def evaluate_family(
         "klpatch_order": klpatch_result.order if klpatch_result is not None else None,
     }
     return result
-
-
-def plan_signature(plan: SizePlan) -> str:
-    """A plan's outputs as a string key: embeddings | layers | norm | head (``t|t0 t1 s2|s|s``)."""
-    return f"{plan.embed[0]}|{plan.describe()}|{plan.norm[0]}|{plan.head[0]}"
-
-
-def _plan_key(plan: SizePlan) -> tuple[object, ...]:
-    """What determines a plan's outputs: its layers and its embeddings, norm and head."""
-    return (plan.layers, plan.embed, plan.norm, plan.head)
 
 
 def evaluate_cli(

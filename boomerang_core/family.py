@@ -60,6 +60,34 @@ class FamilySize:
         return self.plan.num_layers
 
 
+def dominated_flags(params: Sequence[int], scores: Sequence[float]) -> list[bool]:
+    """Whether each point is dominated (DESIGN.md section 4: the router never picks it): another
+    has at most its parameters and at most its score (lower is better), and is strictly better in
+    one of the two. Of exact ties the first in the given order stays."""
+    flags = []
+    for i, (p_i, s_i) in enumerate(zip(params, scores, strict=True)):
+        flags.append(
+            any(
+                p_j <= p_i and s_j <= s_i and (p_j < p_i or s_j < s_i or j < i)
+                for j, (p_j, s_j) in enumerate(zip(params, scores, strict=True))
+                if j != i
+            )
+        )
+    return flags
+
+
+def mark_dominated(sizes: Sequence[FamilySize]) -> list[FamilySize]:
+    """Sizes in the same order, ``dominated`` set by :func:`dominated_flags` on their parameters
+    and perplexities (of exact ties the earlier size stays: in a patch-order family, the one
+    patched less). Sizes without a perplexity are left as they are."""
+    scored = [i for i, s in enumerate(sizes) if s.perplexity is not None]
+    flags = dominated_flags([sizes[i].params for i in scored], [sizes[i].perplexity or 0.0 for i in scored])
+    out = list(sizes)
+    for i, flag in zip(scored, flags, strict=True):
+        out[i] = replace(sizes[i], dominated=flag)
+    return out
+
+
 @dataclass
 class Family:
     name: str

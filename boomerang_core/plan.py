@@ -20,7 +20,7 @@ SOURCES: tuple[Source, ...] = ("teacher", "student")
 PATCH_ORDERS = ("last", "first", "klpatch")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class LayerRef:
     source: Source
     index: int
@@ -59,6 +59,32 @@ class SizePlan:
 
     def describe(self) -> str:
         return " ".join(str(r) for r in self.layers)
+
+    @property
+    def key(self) -> str:
+        """What determines the plan's outputs, as a string: embeddings | layers | norm | head
+        (``t|t0 t1 s2|s|s``). Two plans with one key are the same model, whatever their origin
+        and bookkeeping; scores are cached and saved under it."""
+        return f"{self.embed[0]}|{self.describe()}|{self.norm[0]}|{self.head[0]}"
+
+    @property
+    def prefix_order(self) -> tuple[Source, tuple[LayerRef, ...], Source, Source]:
+        """Sort key that puts plans sharing embeddings and first layers next to each other: in this
+        order, a plan's longest layer prefix shared with any earlier plan is the one it shares
+        with the plan just before it."""
+        return (self.embed, self.layers, self.norm, self.head)
+
+    def shared_depth(self, other: SizePlan | None) -> int:
+        """How many of this plan's first layers ``other`` runs on the same inputs: ``-1`` when
+        not even the embeddings are shared (no ``other``, or another source)."""
+        if other is None or other.embed != self.embed:
+            return -1
+        depth = 0
+        for a, b in zip(other.layers, self.layers, strict=False):
+            if a != b:
+                break
+            depth += 1
+        return depth
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -1,11 +1,13 @@
 """Score many plans on the same token blocks, running every shared layer prefix once.
 
 A plan search scores tens to hundreds of plans that differ in a few edges; most of them begin with
-the same embeddings and the same first layers. Plans are visited in lexicographic order of
-``(embed, layers)`` and the hidden states of the current plan's prefix are kept on a stack, so each
-plan only runs the layers after its longest prefix in common with the previous one (the KLPatch
-trick of feeding recorded layer inputs back through ``inputs_embeds``, applied to a whole set of
-plans). Memory: one hidden state per depth and batch, ``(batch, seq, hidden)`` float32 each.
+the same embeddings and the same first layers. Plans are visited in
+:attr:`~boomerang_core.plan.SizePlan.prefix_order` and the hidden states of the current plan's
+prefix are kept on a stack, so each plan only runs the layers after its longest prefix in common
+with the previous one (:func:`advance`: the hidden state at the end of the shared prefix is fed to
+a size built from the remaining layers through ``inputs_embeds``). KLPatch steps through its
+candidates with the same :func:`advance` and :class:`TeacherPass`. Memory: one hidden state per
+depth and batch, ``(batch, seq, hidden)`` float32 each.
 
 Two scores per plan, both in nats per token:
 
@@ -16,6 +18,7 @@ Two scores per plan, both in nats per token:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from boomerang_core.assemble import build
-from boomerang_core.plan import LayerRef, SizePlan, Source, teacher_plan
+from boomerang_core.plan import LayerRef, SizePlan, teacher_plan
 from boomerang_core.store import LayerStore
 
 
@@ -53,6 +56,11 @@ class TeacherPass:
     def num_positions(self) -> int:
         return sum(ids.numel() for ids in self.batches)
 
+    def kl_sum(self, b: int, logp: torch.Tensor) -> float:
+        """KL(teacher || plan) summed over the positions of batch ``b``, nats; ``logp``: the plan's
+        log-probabilities on that batch, ``(batch, seq, vocab)``."""
+        return self.neg_entropy[b] - float((self.probs[b] * logp).sum())
+
 
 def split_blocks(store: LayerStore, blocks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     if blocks.dim() != 2 or blocks.shape[1] < 2:
@@ -68,9 +76,8 @@ def teacher_pass(store: LayerStore, blocks: torch.Tensor, batch_size: int = 4) -
     batches = split_blocks(store, blocks, batch_size)
     states, probs, neg_entropy = [], [], []
     for ids in batches:
-        h0 = store.embeds["teacher"](ids)  # (batch, seq, hidden)
-        path = [h0, *run_layers(store, plan, plan.layers, h0)]
-        logp = final_log_probs(store, plan, path[-1])
+        path: list[torch.Tensor] = []
+        logp = advance(store, plan, path, ids, shared=-1)
         p = logp.exp()
         states.append(path)
         probs.append(p)
@@ -108,15 +115,6 @@ def final_log_probs(store: LayerStore, plan: SizePlan, hidden: torch.Tensor) -> 
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def plan_key(plan: SizePlan) -> tuple[Source, Source, Source, tuple[LayerRef, ...]]:
-    """What makes two plans the same model (origin and bookkeeping aside)."""
-    return (plan.embed, plan.norm, plan.head, plan.layers)
-
-
-def _order_key(plan: SizePlan) -> tuple[str, tuple[tuple[str, int], ...]]:
-    return (plan.embed, tuple((r.source, r.index) for r in plan.layers))
-
-
 @torch.no_grad()
 def score_plans(
     store: LayerStore,
@@ -129,8 +127,8 @@ def score_plans(
     desc: str = "plans",
 ) -> list[PlanScore]:
     """Scores of ``plans`` (in their order) on ``blocks``, or on ``teacher``'s blocks with the KL
-    to the teacher as well. Each distinct plan is run once; shared prefixes are run once per run
-    of plans that share them."""
+    to the teacher as well. Each distinct plan (by :attr:`SizePlan.key`) is run once, in
+    :attr:`SizePlan.prefix_order`; shared prefixes are run once per run of plans that share them."""
     if teacher is None and blocks is None:
         raise ValueError("give the token blocks, or a TeacherPass to score against")
     if teacher is not None:
@@ -140,43 +138,48 @@ def score_plans(
         batches = split_blocks(store, blocks, batch_size)
     n_predicted = sum(ids[:, 1:].numel() for ids in batches)
     n_positions = sum(ids.numel() for ids in batches)
-    unique: dict[tuple[Any, ...], SizePlan] = {}
-    for plan in plans:
-        unique.setdefault(plan_key(plan), plan)
-    visit = sorted(unique.values(), key=_order_key)
+    visit = sorted({p.key: p for p in plans}.values(), key=lambda p: p.prefix_order)
     # stacks[b][d]: input of depth d of the current plan for batch b; stacks[b][0] is the embedding.
     stacks: list[list[torch.Tensor]] = [[] for _ in batches]
-    current: tuple[str, tuple[LayerRef, ...]] | None = None
-    scores: dict[tuple[Any, ...], PlanScore] = {}
+    current: SizePlan | None = None
+    scores: dict[str, PlanScore] = {}
     for plan in tqdm(visit, desc=desc, unit="plan", disable=not progress, leave=False):
-        shared = _shared_depth(current, plan)
-        start = max(shared, 0)
+        shared = plan.shared_depth(current)
         nll_sum, kl_sum = 0.0, 0.0
         for b, ids in enumerate(batches):
-            stack = stacks[b]
-            del stack[shared + 1 :]
-            if not stack:
-                stack.append(store.embeds[plan.embed](ids))  # (batch, seq, hidden)
-            stack.extend(run_layers(store, plan, plan.layers[start:], stack[-1]))
-            logp = final_log_probs(store, plan, stack[-1])  # (batch, seq, vocab)
-            nll_sum += float(-logp[:, :-1].gather(-1, ids[:, 1:, None]).sum())
+            logp = advance(store, plan, stacks[b], ids, shared)  # (batch, seq, vocab)
+            nll_sum += next_token_nll(logp, ids)
             if teacher is not None:
-                kl_sum += teacher.neg_entropy[b] - float((teacher.probs[b] * logp).sum())
-        current = (plan.embed, plan.layers)
-        scores[plan_key(plan)] = PlanScore(
+                kl_sum += teacher.kl_sum(b, logp)
+        current = plan
+        scores[plan.key] = PlanScore(
             nll=nll_sum / n_predicted, kl=kl_sum / n_positions if teacher is not None else None
         )
-    return [scores[plan_key(p)] for p in plans]
+    return [scores[p.key] for p in plans]
 
 
-def _shared_depth(current: tuple[str, tuple[LayerRef, ...]] | None, plan: SizePlan) -> int:
-    """How many of ``plan``'s first layers the stacked states already hold (``-1``: not even the
-    embeddings, which differ by source)."""
-    if current is None or current[0] != plan.embed:
-        return -1
-    depth = 0
-    for a, b in zip(current[1], plan.layers, strict=False):
-        if a != b:
-            break
-        depth += 1
-    return depth
+def perplexities(
+    store: LayerStore, plans: Sequence[SizePlan], blocks: torch.Tensor, batch_size: int = 4, progress: bool = False
+) -> list[float]:
+    """Token-level perplexity of every plan on ``blocks`` (``(n, seq)`` token ids), counted as
+    :func:`boomerang_core.evaluate.perplexity` counts it: ``exp`` of :func:`score_plans`' NLL."""
+    scores = score_plans(store, plans, blocks, batch_size=batch_size, progress=progress, desc="perplexity")
+    return [math.exp(s.nll) for s in scores]
+
+
+def advance(
+    store: LayerStore, plan: SizePlan, stack: list[torch.Tensor], ids: torch.Tensor, shared: int
+) -> torch.Tensor:
+    """Turn ``stack``, the hidden states of a plan that shares ``shared`` first layers with
+    ``plan`` (:meth:`SizePlan.shared_depth`), into ``plan``'s, running only the layers after the
+    shared ones; returns ``plan``'s next-token log-probabilities on ``ids``, ``(batch, seq, vocab)``."""
+    del stack[shared + 1 :]
+    if not stack:
+        stack.append(store.embeds[plan.embed](ids))  # (batch, seq, hidden)
+    stack.extend(run_layers(store, plan, plan.layers[max(shared, 0) :], stack[-1]))
+    return final_log_probs(store, plan, stack[-1])
+
+
+def next_token_nll(logp: torch.Tensor, ids: torch.Tensor) -> float:
+    """Summed negative log-likelihood of each next token of ``ids`` (``(batch, seq)``), nats."""
+    return float(-logp[:, :-1].gather(-1, ids[:, 1:, None]).sum())

@@ -45,9 +45,10 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from boomerang_core.family import Family
-from boomerang_core.plan import LayerRef, SizePlan, Source, teacher_plan
-from boomerang_core.plan_eval import TeacherPass, plan_key, run_layers, score_plans, teacher_pass
+from boomerang_core.baselines import shortgpt_plan
+from boomerang_core.family import Family, dominated_flags
+from boomerang_core.plan import LayerRef, SizePlan, Source
+from boomerang_core.plan_eval import TeacherPass, perplexities, run_layers, score_plans, teacher_pass
 from boomerang_core.store import LayerStore
 
 EdgeKind = Literal["teacher", "student", "skip"]
@@ -161,13 +162,6 @@ def k_best_paths(
     return out
 
 
-def shortgpt_plan(influence: Sequence[float], num_layers: int) -> SizePlan:
-    """The teacher cut to ``num_layers`` by dropping its lowest block-influence layers (ties: the
-    later layer first), as :mod:`boomerang_core.baselines` does; ``influence`` is ``EdgeCosts.skip``."""
-    ranked = sorted(range(len(influence)), key=lambda i: (influence[i], -i))
-    return teacher_plan(len(influence), ranked[: len(influence) - num_layers], origin="shortgpt")
-
-
 def path_plan(path: Path, origin: str = "search") -> SizePlan:
     """The plan a path runs: embeddings from its first layer's source, final norm and head from
     its last layer's source; ``dropped`` lists its skipped teacher layers."""
@@ -222,14 +216,14 @@ def search(
         paths = k_best_paths(n, blocks, costs, k_best, lo, hi)
         seconds["dp"], clock = _lap(clock)
         bar.update(1)
-        proposals: dict[tuple[Any, ...], tuple[SizePlan, float | None, int | None]] = {}
+        proposals: dict[str, tuple[SizePlan, float | None, int | None]] = {}
         for ranked in paths.values():
             for rank, (proxy, path) in enumerate(ranked):
                 plan = path_plan(path)
-                proposals.setdefault(plan_key(plan), (plan, proxy, rank))
+                proposals.setdefault(plan.key, (plan, proxy, rank))
         for plan in [*(shortgpt_plan(costs.skip, c) for c in range(lo, hi + 1)), *seeds]:
             if lo <= plan.num_layers <= hi:
-                proposals.setdefault(plan_key(plan), (plan, None, None))
+                proposals.setdefault(plan.key, (plan, None, None))
         bar.set_postfix(stage=f"scoring {len(proposals)} plans")
         entries = list(proposals.values())
         scores = score_plans(store, [e[0] for e in entries], teacher=teacher, progress=progress, desc="KL")
@@ -275,21 +269,6 @@ def _lap(start: float) -> tuple[float, float]:
 # --- the Pareto front -------------------------------------------------------------------------
 
 
-def dominated_flags(params: Sequence[int], scores: Sequence[float]) -> list[bool]:
-    """Whether each point is dominated: another has at most its parameters and at most its score
-    (lower is better), and is strictly better in one of the two. Of exact ties the first stays."""
-    flags = []
-    for i, (p_i, s_i) in enumerate(zip(params, scores, strict=True)):
-        flags.append(
-            any(
-                p_j <= p_i and s_j <= s_i and (p_j < p_i or s_j < s_i or j < i)
-                for j, (p_j, s_j) in enumerate(zip(params, scores, strict=True))
-                if j != i
-            )
-        )
-    return flags
-
-
 def front_family(
     name: str,
     store: LayerStore,
@@ -304,8 +283,7 @@ def front_family(
     result = search(store, calib_blocks, progress=progress, **search_kwargs)
     ppl = None
     if heldout_blocks is not None:
-        scores = score_plans(store, result.plans, heldout_blocks, progress=progress, desc="held-out perplexity")
-        ppl = [math.exp(s.nll) for s in scores]
+        ppl = perplexities(store, result.plans, heldout_blocks, progress=progress)
     tokens = {
         "calib": int(calib_blocks.numel()),
         "heldout": int(heldout_blocks.numel()) if heldout_blocks is not None else 0,

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from boomerang_core import demo
+from boomerang_core.baselines import shortgpt_plan
 from boomerang_core.distill import CHECKPOINTS
 from boomerang_core.family import FAMILY_FILE, Family
-from boomerang_core.plan_eval import plan_key, score_plans, teacher_pass
-from boomerang_core.search import edge_costs, shortgpt_plan
+from boomerang_core.plan_eval import score_plans, teacher_pass
+from boomerang_core.search import edge_costs
 from boomerang_core.store import LayerStore
 from tests.tiny import write_pair
 
@@ -62,7 +63,7 @@ def test_front_is_never_worse_than_its_seeds_or_shortgpt(family: Family) -> None
     teacher = teacher_pass(store, calib)
     shortgpt = [shortgpt_plan(edge_costs(store, teacher).skip, c) for c in range(store.spec.num_student_layers, LAYERS)]
     rivals = [*demo.search_seeds(store.spec, family.info["patch_order"]), *shortgpt]
-    rivals = list({plan_key(p): p for p in rivals}.values())
+    rivals = list({p.key: p for p in rivals}.values())
     assert family.info["search"]["plans_scored"] >= len(rivals)  # the seeds were scored, not only the DP's picks
     front = [s.plan for s in family.sizes]
     scores = score_plans(store, [*front, *rivals], teacher=teacher)

@@ -17,13 +17,11 @@ from boomerang_core.evaluate import (
     CurvePoint,
     CurveResult,
     evaluate_family,
-    mark_dominated,
-    perplexities,
     perplexity,
-    plan_signature,
 )
-from boomerang_core.family import Family, FamilySize
+from boomerang_core.family import Family, FamilySize, mark_dominated
 from boomerang_core.plan import LayerRef, plan_for_patched, teacher_plan
+from boomerang_core.plan_eval import perplexities
 from boomerang_core.store import LayerStore
 from tests.tiny import prune_copy, tiny_teacher
 
@@ -201,7 +199,7 @@ def test_shared_prefix_perplexities_match_one_plan_at_a_time() -> None:
 def test_known_perplexities_are_not_run_again() -> None:
     store = _store(layers=6)
     family = Family.from_store("tiny", store, order="last")
-    teacher = plan_signature(teacher_plan(6))
+    teacher = teacher_plan(6).key
     result = evaluate_family(family, _ids(2, 16, 5), _ids(1, 16, 6), orders=("last",), known={teacher: 123.0})
     assert result.sizes[-1].perplexity == 123.0 and result.shortgpt[6].perplexity == 123.0
     assert family.sizes[-1].perplexity == 123.0

@@ -16,10 +16,10 @@ from transformers import PreTrainedModel
 from boomerang_core.alignment import StudentSpec
 from boomerang_core.assemble import build
 from boomerang_core.evaluate import perplexity
-from boomerang_core.family import Family
+from boomerang_core.family import Family, dominated_flags
 from boomerang_core.plan import SizePlan, plan_for_patched, teacher_plan
-from boomerang_core.plan_eval import plan_key, score_plans, teacher_pass
-from boomerang_core.search import Path, dominated_flags, front_family, k_best_paths, path_plan, search
+from boomerang_core.plan_eval import score_plans, teacher_pass
+from boomerang_core.search import Path, front_family, k_best_paths, path_plan, search
 from boomerang_core.store import LayerStore
 from tests.core.test_assemble import copied_model
 from tests.tiny import prune_copy, tiny_teacher
@@ -167,7 +167,7 @@ def test_front_plans_match_copied_layers_and_reload(
 
     family.save(tmp_path)
     loaded = Family.load(tmp_path, store)
-    assert [plan_key(s.plan) for s in loaded.sizes] == [plan_key(s.plan) for s in family.sizes]
+    assert [s.plan.key for s in loaded.sizes] == [s.plan.key for s in family.sizes]
     assert [(s.name, s.dominated, s.perplexity, s.params) for s in loaded.sizes] == [
         (s.name, s.dominated, s.perplexity, s.params) for s in family.sizes
     ]
