@@ -20,30 +20,29 @@ from starlette.middleware.cors import CORSMiddleware
 from server.api import chat, completions, health, models
 from server.api.guards import DrainGuard, RequestGuard
 from server.config import DeployConfig
+from server.engines.factory import EngineFactory, build_engine
 from server.errors import install_error_handlers
-from server.gateway import EngineFactory, FamilyLoader, Gateway, load_family, local_engine
 from server.metrics import GatewayMetrics
-from server.pool.setup import pool_engine, uses_pool
+from server.services import FamilyLoader, Services, load_family
 
 
 def create_app(
     settings: DeployConfig,
     *,
     family_loader: FamilyLoader = load_family,
-    engine_factory: EngineFactory = local_engine,
+    engine_factory: EngineFactory | None = None,
 ) -> FastAPI:
-    """The gateway app. ``family_loader`` and ``engine_factory`` are seams for tests and for
-    other engine kinds; the defaults load the configured family and run it in-process."""
-    gateway = Gateway(config=settings, metrics=GatewayMetrics())
-    if engine_factory is local_engine and uses_pool(settings):  # vllm / remote tiers: the tier pool
-        engine_factory = functools.partial(pool_engine, registry=gateway.metrics.registry)
+    """The gateway app. ``family_loader`` and ``engine_factory`` are seams for tests; the defaults
+    load the configured family and build the engines its deploy file names (:func:`build_engine`)."""
+    services = Services(config=settings, metrics=GatewayMetrics())
+    make_engine = engine_factory or functools.partial(build_engine, registry=services.metrics.registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.gateway = gateway
+        app.state.services = services
         redactor = QueryRedactor()
         logging.getLogger("uvicorn.access").addFilter(redactor)
-        bring_up = asyncio.create_task(gateway.bring_up(family_loader, engine_factory))
+        bring_up = asyncio.create_task(services.bring_up(family_loader, make_engine))
         try:
             yield
         finally:
@@ -51,15 +50,15 @@ def create_app(
             bring_up.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await bring_up
-            await gateway.close()
+            await services.close()
 
     app = FastAPI(title="boomerang", version="0.1.0", lifespan=lifespan)
-    app.state.gateway = gateway
+    app.state.services = services
     install_error_handlers(app)
     for module in (chat, completions, models, health):
         app.include_router(module.router)
     app.openapi = functools.partial(openapi_schema, app, keyed=settings.auth.resolved_key() is not None)  # type: ignore[method-assign]
-    app.add_middleware(RequestGuard, config=settings, metrics=gateway.metrics)
+    app.add_middleware(RequestGuard, config=settings, metrics=services.metrics)
     if settings.server.cors_allow_origins:  # outside the guard: preflights carry no key, and 401s get CORS headers
         app.add_middleware(
             CORSMiddleware,
@@ -67,7 +66,7 @@ def create_app(
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    app.add_middleware(DrainGuard, drain=gateway.drain)  # outermost: counts requests in flight, answers while draining
+    app.add_middleware(DrainGuard, drain=services.drain)  # outermost: counts requests in flight, answers while draining
     return app
 
 

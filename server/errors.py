@@ -20,8 +20,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from boomerang_core.errors import BoomerangError, ModelNotFound, SizeOutOfRange
 from server.engines.base import EngineError, QueueFull, RequestRejected
-from server.gateway import NotServing
 from server.routing import BudgetUnmeetable, RoutingError, SizeConflict, UnknownModel, UnknownSize
+from server.services import NotServing
 
 log = logging.getLogger("boomerang.server")
 
@@ -186,10 +186,10 @@ def sse_error(exc: BaseException) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     async def handle(request: Request, exc: Exception) -> JSONResponse:
         response = error_response(exc)
-        gateway = getattr(request.app.state, "gateway", None)
-        if gateway is not None:  # counted under the route's template, never the raw path
+        services = getattr(request.app.state, "services", None)
+        if services is not None:  # counted under the route's template, never the raw path
             endpoint = getattr(request.scope.get("route"), "path", "other")
-            gateway.metrics.finished(getattr(request.state, "size", None), endpoint, response.status_code)
+            services.metrics.finished(getattr(request.state, "size", None), endpoint, response.status_code)
         return response
 
     handled = (ApiError, RequestValidationError, StarletteHTTPException, EngineError, RoutingError, NotServing,

@@ -40,9 +40,9 @@ def serve(config_path: str | None, host: str = "127.0.0.1", port: int = 8000) ->
     settings = load_config(config_path)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    gateway = app.state.gateway
+    services = app.state.services
     server = GatewayServer(
-        uvicorn_config(app, settings, host, port), gateway.drain, lambda: gateway.failure is not None
+        uvicorn_config(app, settings, host, port), services.drain, lambda: services.failure is not None
     )
     server.run()
     return server.exit_code

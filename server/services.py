@@ -1,6 +1,6 @@
 """The services one app owns: the family, its tokenizer, the engines by size, the router, the
-metrics. Created by the lifespan, kept on ``app.state.gateway``, reached by routes through
-:data:`GatewayDep`. Nothing here is module-level state."""
+metrics, the drain. Created by ``create_app``, kept on ``app.state.services``, reached by routes
+through :data:`ServicesDep`. Nothing here is module-level state."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,6 +21,7 @@ from boomerang_core.family import FAMILY_FILE, Family, FamilySize
 from boomerang_core.store import LayerStore
 from server.config import DeployConfig
 from server.engines.base import Engine, EngineError
+from server.engines.factory import EngineFactory
 from server.lifecycle import Drain
 from server.metrics import GatewayMetrics
 from server.routing import Router
@@ -42,7 +43,6 @@ class NotServing(Exception):
 
 
 FamilyLoader = Callable[[DeployConfig], Family]
-EngineFactory = Callable[[Family, Sequence[str], DeployConfig], Engine]
 
 
 def load_family(config: DeployConfig) -> Family:
@@ -61,15 +61,6 @@ def load_family(config: DeployConfig) -> Family:
     return Family.from_store(fc.name, store, order=fc.patch_order)
 
 
-def local_engine(family: Family, sizes: Sequence[str], config: DeployConfig) -> Engine:
-    from server.engines.local.engine import LocalEngine
-
-    engine_config = config.engines.local
-    return LocalEngine(
-        family, sizes=list(sizes), max_batch_size=engine_config.max_batch_size, max_queue=engine_config.max_queue
-    )
-
-
 def tier_table(family: Family, config: DeployConfig) -> dict[str, str]:
     """Tier name -> size name. No tiers in the config: every non-dominated size, named as itself."""
     if not config.tiers:
@@ -78,7 +69,10 @@ def tier_table(family: Family, config: DeployConfig) -> dict[str, str]:
 
 
 @dataclass
-class Gateway:
+class Services:
+    """What the routes need, ready once :meth:`bring_up` has run: :meth:`ready` gives the family
+    and router or raises :class:`NotServing`."""
+
     config: DeployConfig
     metrics: GatewayMetrics
     family: Family | None = None
@@ -133,7 +127,7 @@ class Gateway:
     # --- readiness ----------------------------------------------------------------------------
 
     def problems(self) -> list[str]:
-        """Why the gateway cannot serve now (empty: healthy)."""
+        """Why the services cannot serve now (empty: healthy)."""
         if self.failure is not None:
             return [f"bring-up failed: {self.failure}"]
         if self.router is None:
@@ -186,9 +180,9 @@ async def _in_daemon_thread(load: FamilyLoader, config: DeployConfig) -> Family:
     return await done
 
 
-def get_gateway(request: Request) -> Gateway:
-    gateway: Gateway = request.app.state.gateway
-    return gateway
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
 
 
-GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+ServicesDep = Annotated[Services, Depends(get_services)]

@@ -24,7 +24,7 @@ from server.api.common import (
 from server.api.fanout import Choice, Fanout, collect_reply, stream_response
 from server.engines.base import TokenLogprob
 from server.errors import BadRequest, error_responses
-from server.gateway import Gateway, GatewayDep
+from server.services import Services, ServicesDep
 
 router = APIRouter()
 ENDPOINT = "/v1/chat/completions"
@@ -214,30 +214,30 @@ async def _chunks(
 # --- serving ----------------------------------------------------------------------------------
 
 
-async def serve_chat(body: ChatCompletionRequest, request: Request, gateway: Gateway) -> Response:
+async def serve_chat(body: ChatCompletionRequest, request: Request, services: Services) -> Response:
     body.reject_unsupported()
-    family, _ = gateway.ready()
-    prompt = await asyncio.to_thread(chat_prompt, gateway.tokenizer, body.messages)
+    family, _ = services.ready()
+    prompt = await asyncio.to_thread(chat_prompt, services.tokenizer, body.messages)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if requested == 0:
         raise BadRequest("max_tokens must be at least 1", param="max_tokens")
     max_tokens = check_tokens(
-        gateway, family, [prompt], requested, gateway.config.limits.default_max_tokens, "messages"
+        services, family, [prompt], requested, services.config.limits.default_max_tokens, "messages"
     )
     if body.top_logprobs is not None and not body.logprobs:
         raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
-    routed = route(request, gateway, body, [prompt], max_tokens, "chatcmpl")
+    routed = route(request, services, body, [prompt], max_tokens, "chatcmpl")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     fanout = Fanout(routed.engine, routed.requests([prompt], body.sampling(max_tokens, logprobs), body.n),
-                    gateway.metrics, routed.observe)  # fmt: skip
+                    services.metrics, routed.observe)  # fmt: skip
     await fanout.start()
     size = routed.size.name
     if body.stream:
         chunks = _chunks(routed, fanout, body.logprobs, body.include_usage)
         return stream_response(
-            fanout, chunks, routed.headers(), lambda status: gateway.metrics.finished(size, ENDPOINT, status)
+            fanout, chunks, routed.headers(), lambda status: services.metrics.finished(size, ENDPOINT, status)
         )
-    choices = await collect_reply(request, fanout, lambda status: gateway.metrics.finished(size, ENDPOINT, status))
+    choices = await collect_reply(request, fanout, lambda status: services.metrics.finished(size, ENDPOINT, status))
     if choices is None:
         return Response(status_code=499)
     return JSONResponse(_response(routed, choices, body.logprobs), headers=routed.headers())
@@ -251,5 +251,5 @@ async def serve_chat(body: ChatCompletionRequest, request: Request, gateway: Gat
         **error_responses(400, 401, 404, 413, 429, 503),
     },
 )
-async def create_chat_completion(body: ChatCompletionRequest, request: Request, gateway: GatewayDep) -> Response:
-    return await serve_chat(body, request, gateway)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, services: ServicesDep) -> Response:
+    return await serve_chat(body, request, services)

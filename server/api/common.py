@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from boomerang_core.family import Family, FamilySize
 from server.engines.base import Engine, GenerationRequest, SamplingParams
 from server.errors import BadRequest
-from server.gateway import Gateway
 from server.routing import Decision, Router, RouteRequest
+from server.services import Services
 
 # Known OpenAI fields this server cannot honour: a 400 naming the field, never a silent ignore.
 UNSUPPORTED = {
@@ -185,11 +185,11 @@ def context_length(family: Family) -> int:
 
 
 def check_tokens(
-    gateway: Gateway, family: Family, prompts: Sequence[Sequence[int]], max_tokens: int | None, default: int,
+    services: Services, family: Family, prompts: Sequence[Sequence[int]], max_tokens: int | None, default: int,
     prompt_param: str,
 ) -> int:  # fmt: skip
     """Validate prompt lengths against the limits; return the max_tokens to use."""
-    limits = gateway.config.limits
+    limits = services.config.limits
     context = context_length(family)
     prompt_limit = min(limits.max_prompt_tokens or context, context)
     longest = max(len(p) for p in prompts)
@@ -218,12 +218,12 @@ def check_tokens(
 
 
 def route(
-    request: Request, gateway: Gateway, body: GenerationFields, prompts: Sequence[Sequence[int]], max_tokens: int,
+    request: Request, services: Services, body: GenerationFields, prompts: Sequence[Sequence[int]], max_tokens: int,
     prefix: str,
 ) -> Routed:  # fmt: skip
-    family, router = gateway.ready()
-    if body.n * len(prompts) > gateway.config.limits.max_n:
-        raise BadRequest(f"n x prompts is {body.n * len(prompts)}; at most {gateway.config.limits.max_n}", param="n")
+    family, router = services.ready()
+    if body.n * len(prompts) > services.config.limits.max_n:
+        raise BadRequest(f"n x prompts is {body.n * len(prompts)}; at most {services.config.limits.max_n}", param="n")
     size_text = router.size_text(body.model, None if body.size is None else str(body.size))
     decision = router.choose(
         RouteRequest(
@@ -236,12 +236,12 @@ def route(
         )
     )
     request.state.size = decision.size.name
-    engine = gateway.engine_for(decision.size)
+    engine = services.engine_for(decision.size)
     return Routed(
         family=family,
         decision=decision,
         engine=engine,
-        served_as=gateway.served_name(decision.size),
+        served_as=services.served_name(decision.size),
         request_id=f"{prefix}-{uuid.uuid4().hex}",
         created=int(time.time()),
         router=router,

@@ -29,7 +29,7 @@ from server.api.common import (
 from server.api.fanout import Choice, Fanout, collect_reply, stream_response
 from server.engines.base import TokenLogprob
 from server.errors import BadRequest, error_responses
-from server.gateway import Gateway, GatewayDep
+from server.services import Services, ServicesDep
 
 router = APIRouter()
 ENDPOINT = "/v1/completions"
@@ -220,28 +220,28 @@ class Formatter:
 # --- serving ----------------------------------------------------------------------------------
 
 
-async def serve_completion(body: CompletionRequest, request: Request, gateway: Gateway) -> Response:
+async def serve_completion(body: CompletionRequest, request: Request, services: Services) -> Response:
     body.reject_unsupported()
-    family, _ = gateway.ready()
-    prompts = await asyncio.to_thread(read_prompts, gateway.tokenizer, body.prompt)
+    family, _ = services.ready()
+    prompts = await asyncio.to_thread(read_prompts, services.tokenizer, body.prompt)
     if body.max_tokens == 0 and not body.echo:
         raise BadRequest("max_tokens must be at least 1 (0 is allowed only with echo)", param="max_tokens")
     ids = [p.ids for p in prompts]
     requested = None if body.max_tokens is None else max(body.max_tokens, 1)
-    max_tokens = check_tokens(gateway, family, ids, requested, DEFAULT_MAX_TOKENS, "prompt")
-    routed = route(request, gateway, body, ids, max_tokens, "cmpl")
+    max_tokens = check_tokens(services, family, ids, requested, DEFAULT_MAX_TOKENS, "prompt")
+    routed = route(request, services, body, ids, max_tokens, "cmpl")
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
     sampling = body.sampling(max_tokens, body.logprobs, prompt_logprobs)
-    fanout = Fanout(routed.engine, routed.requests(ids, sampling, body.n), gateway.metrics, routed.observe)
+    fanout = Fanout(routed.engine, routed.requests(ids, sampling, body.n), services.metrics, routed.observe)
     await fanout.start()
-    formatter = Formatter(routed, body, prompts, gateway.tokenizer)
+    formatter = Formatter(routed, body, prompts, services.tokenizer)
     size = routed.size.name
     if body.stream:
         return stream_response(
             fanout, formatter.chunks(fanout), routed.headers(),
-            lambda status: gateway.metrics.finished(size, ENDPOINT, status),
+            lambda status: services.metrics.finished(size, ENDPOINT, status),
         )  # fmt: skip
-    choices = await collect_reply(request, fanout, lambda status: gateway.metrics.finished(size, ENDPOINT, status))
+    choices = await collect_reply(request, fanout, lambda status: services.metrics.finished(size, ENDPOINT, status))
     if choices is None:
         return Response(status_code=499)
     return JSONResponse(formatter.response(choices), headers=routed.headers())
@@ -255,5 +255,5 @@ async def serve_completion(body: CompletionRequest, request: Request, gateway: G
         **error_responses(400, 401, 404, 413, 429, 503),
     },
 )
-async def create_completion(body: CompletionRequest, request: Request, gateway: GatewayDep) -> Response:
-    return await serve_completion(body, request, gateway)
+async def create_completion(body: CompletionRequest, request: Request, services: ServicesDep) -> Response:
+    return await serve_completion(body, request, services)

@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict
 
 from server.errors import error_responses
-from server.gateway import GatewayDep
+from server.services import ServicesDep
 
 router = APIRouter()
 
@@ -35,17 +35,17 @@ class Unhealthy(BaseModel):
     response_model=None,
     responses={200: {"model": Healthy}, 503: {"model": Unhealthy}, **error_responses(401)},
 )
-async def health(gateway: GatewayDep) -> JSONResponse:
-    problems = gateway.problems()
+async def health(services: ServicesDep) -> JSONResponse:
+    problems = services.problems()
     if problems:
         body = {"status": "unavailable", "problems": problems}
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
-    assert gateway.family is not None
-    return JSONResponse({"status": "ok", "family": gateway.family.name, "sizes": sorted(gateway.engines)})
+    assert services.family is not None
+    return JSONResponse({"status": "ok", "family": services.family.name, "sizes": sorted(services.engines)})
 
 
 @router.get("/metrics", response_class=PlainTextResponse, responses=error_responses(401))
-async def metrics(gateway: GatewayDep) -> Response:
-    if gateway.family is not None:
-        gateway.metrics.refresh(gateway.engines, [s.name for s in gateway.family.sizes])
-    return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(services: ServicesDep) -> Response:
+    if services.family is not None:
+        services.metrics.refresh(services.engines, [s.name for s in services.family.sizes])
+    return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)

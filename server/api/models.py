@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from boomerang_core.family import FamilySize
 from server.errors import NotFound, error_responses
-from server.gateway import Gateway, GatewayDep
+from server.services import Services, ServicesDep
 
 router = APIRouter()
 
@@ -36,8 +36,8 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-def model_cards(gateway: Gateway) -> list[ModelCard]:
-    family, router_ = gateway.ready()
+def model_cards(services: Services) -> list[ModelCard]:
+    family, router_ = services.ready()
     loaded = {s.name for s in router_.loaded()}
     tiers: dict[str, list[str]] = {}
     for tier, size in router_.tiers.items():
@@ -47,7 +47,7 @@ def model_cards(gateway: Gateway) -> list[ModelCard]:
 
     def card(s: FamilySize) -> ModelCard:
         return ModelCard(
-            id=gateway.served_name(s), size=s.name, label=s.label, params=s.params, num_layers=s.num_layers,
+            id=services.served_name(s), size=s.name, label=s.label, params=s.params, num_layers=s.num_layers,
             weight_bytes=s.bytes, patched_blocks=list(s.plan.patched), loaded=s.name in loaded,
             dominated=s.dominated, perplexity=s.perplexity, tiers=sorted(tiers.get(s.name, [])),
         )  # fmt: skip
@@ -60,13 +60,13 @@ def model_cards(gateway: Gateway) -> list[ModelCard]:
 
 
 @router.get("/v1/models", responses=error_responses(401, 503))
-async def list_models(gateway: GatewayDep) -> ModelList:
-    return ModelList(data=model_cards(gateway))
+async def list_models(services: ServicesDep) -> ModelList:
+    return ModelList(data=model_cards(services))
 
 
 @router.get("/v1/models/{model:path}", responses=error_responses(401, 404, 503))
-async def retrieve_model(model: str, gateway: GatewayDep) -> ModelCard:
-    for card in model_cards(gateway):
+async def retrieve_model(model: str, services: ServicesDep) -> ModelCard:
+    for card in model_cards(services):
         if card.id.lower() == model.lower():
             return card
     raise NotFound(f"the model '{model}' does not exist; GET /v1/models lists them", param="model")

@@ -15,7 +15,7 @@ from boomerang_core.family import Family
 from server.app import create_app
 from server.config import DeployConfig, parse_config
 from server.engines.base import Engine, SizeLoad
-from server.gateway import load_family
+from server.services import load_family
 from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict
 from tests.server.fakes import ScriptedEngine
 

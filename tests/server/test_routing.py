@@ -8,8 +8,8 @@ from boomerang_core.family import Family
 from server.config import RoutingConfig, parse_config
 from server.engines.base import Engine, SizeLoad
 from server.errors import to_api_error
-from server.gateway import load_family, tier_table
 from server.routing import BudgetUnmeetable, Router, RouteRequest, SizeConflict, UnknownModel, UnknownSize
+from server.services import load_family, tier_table
 from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict
 from tests.server.fakes import ScriptedEngine
 

@@ -18,8 +18,8 @@ from boomerang_core.family import Family
 from server.config import RoutingConfig, parse_config
 from server.engines.base import Engine, SizeLoad
 from server.engines.local.stats import PEAK_WINDOW_S, LoadEstimates
-from server.gateway import load_family
 from server.routing import Router, RouteRequest
+from server.services import load_family
 from tests.server.deploys import TinyFamilyDirs, deploy_dict
 from tests.server.fakes import ScriptedEngine
 

@@ -27,7 +27,7 @@ from boomerang_core.family import Family
 from server.app import create_app
 from server.config import DeployConfig, parse_config
 from server.engines.base import Engine, GenerationRequest
-from server.gateway import load_family
+from server.services import load_family
 from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
 from tests.server.fakes import ScriptedEngine
 from tests.server.fuzz_checks import error_problem, sse_problem

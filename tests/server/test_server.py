@@ -21,7 +21,7 @@ import torch
 from boomerang_core.assemble import build
 from boomerang_core.family import Family
 from server.config import parse_config
-from server.gateway import load_family
+from server.services import load_family
 from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
 from tests.server.live import KEY, PROMPTS, Holders, Server, launch, stop, wait_ready
 

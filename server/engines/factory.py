@@ -1,0 +1,110 @@
+"""The one engine factory: from the deploy file, the engines that serve a family's sizes.
+
+Every tier ``local`` (or no tiers): one in-process engine on the store for all sizes. Some tier
+``vllm`` or ``remote``: the tier pool, with ``vllm`` tiers as replicas fed from the store (one stepper
+thread for all of them), ``remote`` tiers by URL, and the ``local`` ones on one in-process engine.
+:data:`EngineFactory` is the signature ``create_app`` takes (tests pass a scripted engine through it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from prometheus_client import CollectorRegistry
+
+from boomerang_core.family import Family
+from server.config import DeployConfig, TierConfig
+from server.engines.base import Engine
+from server.engines.remote import RemoteEngine
+from server.engines.vllm.replica import VllmReplica, VllmSettings
+from server.engines.vllm.stepper import VllmStepper
+from server.pool.metrics import PoolMetrics
+from server.pool.tiers import TierPool, TierSpec
+
+EngineFactory = Callable[[Family, Sequence[str], DeployConfig], Engine]
+_GB = 1e9
+
+
+def build_engine(
+    family: Family, sizes: Sequence[str], config: DeployConfig, *, registry: CollectorRegistry | None = None
+) -> Engine:
+    """The engine serving ``sizes`` (size names) as the deploy file says: one in-process engine when
+    every tier is ``local``, else the tier pool. ``registry``: where the pool's metrics go."""
+    if uses_pool(config):
+        return pool_engine(family, sizes, config, registry=registry)
+    return local_engine(family, sizes, config)
+
+
+def local_engine(family: Family, sizes: Sequence[str], config: DeployConfig) -> Engine:
+    """The in-process engine on the family's store, for every size in ``sizes``."""
+    from server.engines.local.engine import LocalEngine
+
+    engine_config = config.engines.local
+    return LocalEngine(
+        family, sizes=list(sizes), max_batch_size=engine_config.max_batch_size, max_queue=engine_config.max_queue
+    )
+
+
+def uses_pool(config: DeployConfig) -> bool:
+    """True when some tier needs an engine other than the in-process one."""
+    return any(t.engine != "local" for t in config.tiers)
+
+
+def vllm_settings(config: DeployConfig) -> VllmSettings:
+    v = config.engines.vllm
+    return VllmSettings(
+        max_model_len=v.max_model_len, max_num_seqs=v.max_num_seqs, enforce_eager=v.enforce_eager,
+        kv_cache_gb=v.kv_cache_gb,
+    )  # fmt: skip
+
+
+def pool_engine(
+    family: Family, sizes: Sequence[str], config: DeployConfig, *, registry: CollectorRegistry | None = None
+) -> Engine:
+    """The engine for ``sizes`` (size names): a :class:`TierPool` over every tier kind, its ``local``
+    sizes on one in-process engine."""
+    by_size: dict[str, TierConfig] = {}
+    for configured in config.tiers:
+        size = family.resolve(configured.size).name
+        if size in by_size and by_size[size].engine != configured.engine:
+            raise ValueError(f"size {size} is given two engine kinds ({by_size[size].engine}, {configured.engine})")
+        by_size.setdefault(size, configured)
+    settings = vllm_settings(config)
+    stepper = VllmStepper()
+    specs: list[TierSpec] = []
+    local_sizes: list[str] = []
+    for size in sizes:
+        tier = by_size.get(size)
+        if tier is None or tier.engine == "local":
+            local_sizes.append(size)
+        elif tier.engine == "vllm":
+            specs.append(
+                TierSpec(size, "vllm", _vllm_maker(family, size, settings, stepper), settings.replica_bytes,
+                         tier.min_replicas, tier.max_replicas)
+            )  # fmt: skip
+        else:
+            assert tier.url is not None  # the schema requires it
+            specs.append(TierSpec(size, "remote", _remote_maker(tier.url, size), 0, max(1, tier.min_replicas), 1))
+    local = local_engine(family, local_sizes, config) if local_sizes else None
+    pool = config.pool
+    return TierPool(
+        specs,
+        base_bytes=family.store.resident_bytes(),
+        budget_bytes=None if pool.memory_budget_gb is None else int(pool.memory_budget_gb * _GB),
+        queue_depth_target=pool.queue_depth_target,
+        idle_timeout_s=pool.idle_timeout_s,
+        scale_interval_s=pool.scale_interval_s,
+        slo_s=config.routing.slo_ms / 1e3,
+        metrics=PoolMetrics(registry),
+        local=local,
+        local_sizes=local_sizes,
+        on_stop=[stepper.stop],
+    )
+
+
+def _vllm_maker(family: Family, size: str, settings: VllmSettings, stepper: VllmStepper) -> Callable[[], Engine]:
+    return lambda: VllmReplica(family, size, settings, stepper)
+
+
+def _remote_maker(url: str, size: str) -> Callable[[], Engine]:
+    return lambda: RemoteEngine(url, size)
