@@ -23,9 +23,9 @@ from boomerang_core import demo
 from boomerang_core.assemble import build
 from boomerang_core.data import corpus_texts, token_blocks
 from boomerang_core.distill import CHECKPOINTS, distill
-from boomerang_core.evaluate import perplexity
 from boomerang_core.family import Family
 from boomerang_core.plan import teacher_plan
+from boomerang_core.quality.scoring import perplexity
 from boomerang_core.store import LayerStore
 
 STUDENT_FILES = (

@@ -31,13 +31,13 @@ import torch
 
 from boomerang_core import demo
 from boomerang_core.alignment import StudentSpec
-from boomerang_core.baselines import block_influence, shortgpt_plan, undistilled_plan
 from boomerang_core.data import corpus_texts, token_blocks
-from boomerang_core.evaluate import evaluate_family
 from boomerang_core.family import FAMILY_FILE, Family
-from boomerang_core.klpatch import KLPatchResult, klpatch_search
 from boomerang_core.plan import enumerate_plans, patch_order
-from boomerang_core.plan_eval import perplexities
+from boomerang_core.quality.baselines import block_influence, shortgpt_plan, undistilled_plan
+from boomerang_core.quality.curve import evaluate_family
+from boomerang_core.quality.klpatch import KLPatchResult, klpatch_search
+from boomerang_core.quality.scoring import perplexities
 from boomerang_core.store import LayerStore
 
 RESULTS = Path(__file__).resolve().parent / "results"

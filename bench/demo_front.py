@@ -6,8 +6,8 @@ undistilled baseline, at every layer count from the student's to the teacher's.
 Writes ``bench/results/demo_front.md`` and ``.png`` and the front as a family
 (``bench/results/demo_front_family/family.json``). Calibration text (the search) and held-out
 text (every perplexity here) are the corpus's disjoint calib and held-out splits. Held-out
-perplexities come from :func:`boomerang_core.plan_eval.score_plans`, which counts tokens exactly as
-:func:`boomerang_core.evaluate.perplexity` does (tested) but runs shared layer prefixes once.
+perplexities come from :func:`boomerang_core.quality.scoring.score_plans`, which counts tokens exactly as
+:func:`boomerang_core.quality.scoring.perplexity` does (tested) but runs shared layer prefixes once.
 On a busy 2-core machine ``--threads 1`` is several times faster than two threads.
 """
 
@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from boomerang_core.assemble import build
-from boomerang_core.baselines import shortgpt_plan, undistilled_plan
 from boomerang_core.data import corpus_texts, token_blocks
 from boomerang_core.demo import (
     CALIB_BLOCKS,
@@ -38,10 +37,11 @@ from boomerang_core.demo import (
 )
 from boomerang_core.distill import RECIPE_FILE
 from boomerang_core.family import FAMILY_FILE, Family
-from boomerang_core.klpatch import klpatch_order
 from boomerang_core.plan import SizePlan, enumerate_plans, patch_order, plan_for_patched
-from boomerang_core.plan_eval import score_plans, teacher_pass
-from boomerang_core.search import SearchResult, edge_costs, family_from_search, search
+from boomerang_core.quality.baselines import shortgpt_plan, undistilled_plan
+from boomerang_core.quality.klpatch import klpatch_order
+from boomerang_core.quality.scoring import score_plans, teacher_pass
+from boomerang_core.quality.search import SearchResult, edge_costs, family_from_search, search
 from boomerang_core.store import LayerStore, unique_storage_bytes
 
 RESULTS = Path(__file__).parent / "results"

@@ -38,7 +38,7 @@ from boomerang_core.data import corpus_texts, token_blocks
 from boomerang_core.distill import DistillConfig, distill
 from boomerang_core.family import Family
 from boomerang_core.plan import SizePlan
-from boomerang_core.plan_eval import score_plans
+from boomerang_core.quality.scoring import score_plans
 from boomerang_core.store import LayerStore
 
 RESULTS = Path(__file__).parent / "results"

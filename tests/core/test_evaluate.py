@@ -12,16 +12,12 @@ import torch
 
 from boomerang_core.alignment import StudentSpec
 from boomerang_core.assemble import build
-from boomerang_core.baselines import block_influence, shortgpt_dropped, shortgpt_plan, undistilled_plan
-from boomerang_core.evaluate import (
-    CurvePoint,
-    CurveResult,
-    evaluate_family,
-    perplexity,
-)
 from boomerang_core.family import Family, FamilySize, mark_dominated
 from boomerang_core.plan import LayerRef, plan_for_patched, teacher_plan
-from boomerang_core.plan_eval import perplexities
+from boomerang_core.quality.baselines import block_influence, shortgpt_dropped, shortgpt_plan, undistilled_plan
+from boomerang_core.quality.curve import evaluate_family
+from boomerang_core.quality.report import CurvePoint, CurveResult
+from boomerang_core.quality.scoring import perplexities, perplexity
 from boomerang_core.store import LayerStore
 from tests.tiny import prune_copy, tiny_teacher
 

@@ -11,8 +11,8 @@ import torch
 from boomerang_core.alignment import StudentSpec
 from boomerang_core.assemble import build
 from boomerang_core.errors import StudentConfigError
-from boomerang_core.klpatch import klpatch_order, klpatch_search
 from boomerang_core.plan import plan_for_patched, teacher_plan
+from boomerang_core.quality.klpatch import klpatch_order, klpatch_search
 from boomerang_core.store import LayerStore
 from tests.tiny import prune_copy, tiny_teacher
 

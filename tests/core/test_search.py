@@ -15,11 +15,10 @@ from transformers import PreTrainedModel
 
 from boomerang_core.alignment import StudentSpec
 from boomerang_core.assemble import build
-from boomerang_core.evaluate import perplexity
 from boomerang_core.family import Family, dominated_flags
 from boomerang_core.plan import SizePlan, plan_for_patched, teacher_plan
-from boomerang_core.plan_eval import score_plans, teacher_pass
-from boomerang_core.search import Path, front_family, k_best_paths, path_plan, search
+from boomerang_core.quality.scoring import perplexity, score_plans, teacher_pass
+from boomerang_core.quality.search import Path, front_family, k_best_paths, path_plan, search
 from boomerang_core.store import LayerStore
 from tests.core.test_assemble import copied_model
 from tests.tiny import prune_copy, tiny_teacher
@@ -113,7 +112,7 @@ def test_dp_enumerates_every_path(store: LayerStore) -> None:
 
 
 def replace_costs(spec: StudentSpec):  # type: ignore[no-untyped-def]
-    from boomerang_core.search import EdgeCosts
+    from boomerang_core.quality.search import EdgeCosts
 
     return EdgeCosts(skip=[0.1 * (i + 1) for i in range(LAYERS)], student=[0.05] * spec.num_student_layers)
 

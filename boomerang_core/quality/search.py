@@ -12,7 +12,7 @@ are exactly those it runs.
 How it searches (arXiv 2607.08170 casts the choice as a shortest path):
 
 1. One teacher pass over the calibration blocks records the hidden state at every boundary and the
-   teacher's next-token distributions (:func:`~boomerang_core.plan_eval.teacher_pass`).
+   teacher's next-token distributions (:func:`~boomerang_core.quality.scoring.teacher_pass`).
 2. Every edge gets a local cost: the direction error ``1 - cos`` between what the edge makes of the
    teacher's state at its start and the teacher's state at its end, averaged over tokens. A teacher
    layer costs 0, a skip costs exactly ShortGPT's block influence, a student layer its alignment
@@ -23,7 +23,7 @@ How it searches (arXiv 2607.08170 casts the choice as a shortest path):
 4. A plan's quality is NOT additive over edges (errors compound), so the DP only proposes: the
    ``k_best`` paths per layer count, ShortGPT's plan and any seed plans (a fixed patch order) are
    scored on the calibration blocks, sharing every common layer prefix
-   (:func:`~boomerang_core.plan_eval.score_plans`): the true KL(teacher || plan) and the next-token
+   (:func:`~boomerang_core.quality.scoring.score_plans`): the true KL(teacher || plan) and the next-token
    NLL. ``select="nll"`` (the default) keeps the lowest NLL, ``select="kl"`` the lowest KL.
 
 Why NLL decides by default: the promise is about perplexity (a size is never worse than dropping
@@ -45,10 +45,10 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from boomerang_core.baselines import shortgpt_plan
 from boomerang_core.family import Family, dominated_flags
 from boomerang_core.plan import LayerRef, SizePlan, Source
-from boomerang_core.plan_eval import TeacherPass, perplexities, run_layers, score_plans, teacher_pass
+from boomerang_core.quality.baselines import shortgpt_plan
+from boomerang_core.quality.scoring import TeacherPass, perplexities, run_layers, score_plans, teacher_pass
 from boomerang_core.store import LayerStore
 
 EdgeKind = Literal["teacher", "student", "skip"]

@@ -5,11 +5,11 @@ patching, on top of those already patched, gives the lowest KL(teacher || size) 
 calibration set. The order found gives one size per step, as ``last`` and ``first`` do.
 
 What makes it cheap: the teacher's next-token distributions are computed once
-(:func:`~boomerang_core.plan_eval.teacher_pass`); sizes are built from the store without copying;
+(:func:`~boomerang_core.quality.scoring.teacher_pass`); sizes are built from the store without copying;
 and a candidate only re-runs the layers from the patched block onward. Layers before a block are
 the same in the current size and in every candidate that patches that block, so their hidden
 states are kept once per step and fed to a size built from the remaining layers
-(:func:`~boomerang_core.plan_eval.advance`, as every plan scorer does). The winner's states
+(:func:`~boomerang_core.quality.scoring.advance`, as every plan scorer does). The winner's states
 become the next step's. And since KL is never negative, a candidate whose KL summed over part of the calibration
 set already exceeds the step's best total is dropped there. The result is exactly the order a
 search with full forwards finds.
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from boomerang_core.errors import StudentConfigError
 from boomerang_core.plan import SizePlan, plan_for_patched
-from boomerang_core.plan_eval import TeacherPass, advance, teacher_pass
+from boomerang_core.quality.scoring import TeacherPass, advance, teacher_pass
 from boomerang_core.store import LayerStore
 
 
@@ -120,7 +120,7 @@ def klpatch_search(
 @dataclass
 class _Pass:
     """One candidate's run: per completed batch its hidden states (the stacks of
-    :func:`~boomerang_core.plan_eval.advance`), the KL summed over their tokens (nats), and
+    :func:`~boomerang_core.quality.scoring.advance`), the KL summed over their tokens (nats), and
     whether every batch ran (False: stopped at the bound)."""
 
     stacks: list[list[torch.Tensor]]

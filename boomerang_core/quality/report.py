@@ -1,12 +1,117 @@
-"""A family's curve as a markdown report and a PNG plot (parameters vs held-out perplexity)."""
+"""A family's curve: the result type (held-out perplexity of every size, both baselines, the patch
+orders) with its verdicts, as a markdown report and a PNG plot (parameters vs held-out perplexity)."""
 
 from __future__ import annotations
 
+import itertools
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from boomerang_core.evaluate import CurvePoint, CurveResult
+from boomerang_core.quality.klpatch import KLPatchResult
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One size on one curve: ``perplexity`` is held-out token-level perplexity."""
+
+    name: str
+    k: int
+    num_layers: int
+    params: int
+    perplexity: float
+
+
+@dataclass
+class CurveResult:
+    """A family's held-out curve with its baselines.
+
+    ``sizes``: the family's own sizes (its order ``family_order``), smallest first.
+    ``undistilled[i]``: perplexity of ``sizes[i]``'s plan on the pruned, not distilled student.
+    ``shortgpt``: layer count -> the teacher cut to that many layers by lowest block influence.
+    ``orders``: each compared patch order's curve, k = 0 (student) .. S (teacher).
+    """
+
+    family: str
+    family_order: str
+    sizes: list[CurvePoint]
+    dominated: list[bool]
+    undistilled: list[float]
+    shortgpt: dict[int, CurvePoint]
+    shortgpt_dropped: dict[int, tuple[int, ...]]
+    block_influence: list[float]
+    orders: dict[str, list[CurvePoint]]
+    klpatch: KLPatchResult | None
+    heldout_tokens: int
+    calib_tokens: int
+    seconds: float
+    scores: dict[str, float] = field(default_factory=dict)  # SizePlan.key -> perplexity, every plan run
+
+    # --- verdicts -----------------------------------------------------------------------------
+
+    def rises(self) -> list[tuple[CurvePoint, CurvePoint]]:
+        """Consecutive family sizes (by parameters) where perplexity does not fall."""
+        pts = sorted(self.sizes, key=lambda p: (p.params, p.k))
+        return [(a, b) for a, b in itertools.pairwise(pts) if b.perplexity >= a.perplexity]
+
+    @property
+    def monotone(self) -> bool:
+        """True when perplexity falls strictly at every step from the student to the teacher."""
+        return not self.rises()
+
+    def interpolated(self) -> list[int]:
+        """Indices of the family sizes strictly between the pure student and the pure teacher."""
+        s_max = max(p.k for p in self.sizes)
+        return [i for i, p in enumerate(self.sizes) if 0 < p.k < s_max]
+
+    def losses_to(self, baseline: str) -> list[tuple[CurvePoint, float]]:
+        """Interpolated sizes no better than ``baseline`` (``"undistilled"`` or ``"shortgpt"``),
+        with the baseline's perplexity."""
+        out = []
+        for i in self.interpolated():
+            point = self.sizes[i]
+            ref = self._baseline(baseline, i)
+            if ref is not None and point.perplexity >= ref:
+                out.append((point, ref))
+        return out
+
+    def _baseline(self, baseline: str, i: int) -> float | None:
+        if baseline == "undistilled":
+            return self.undistilled[i]
+        sg = self.shortgpt.get(self.sizes[i].num_layers)
+        return sg.perplexity if sg is not None else None
+
+    def order_scores(self) -> dict[str, float]:
+        """Per patch order: exp of the mean log-perplexity over the parameter range from student
+        to teacher (trapezoids in parameters). Every order spans the same range, so this compares
+        whole curves whose sizes sit at different parameter counts. Lower is better."""
+        scores = {}
+        for order, pts in self.orders.items():
+            pts = sorted(pts, key=lambda p: p.params)
+            span = pts[-1].params - pts[0].params
+            if span <= 0:
+                scores[order] = pts[0].perplexity
+                continue
+            area = sum(
+                (b.params - a.params) * (math.log(a.perplexity) + math.log(b.perplexity)) / 2
+                for a, b in itertools.pairwise(pts)
+            )
+            scores[order] = math.exp(area / span)
+        return scores
+
+    @property
+    def best_order(self) -> str:
+        scores = self.order_scores()
+        return min(scores, key=lambda o: scores[o])
+
+    # --- reports ------------------------------------------------------------------------------
+
+    def to_markdown(self) -> str:
+        return curve_markdown(self)
+
+    def plot(self, path: str | Path) -> Path:
+        """Parameters vs held-out perplexity (log scale) as a PNG."""
+        return curve_plot(self, Path(path))
 
 
 def _ppl(value: float) -> str:
@@ -161,8 +266,6 @@ def curve_plot(r: CurveResult, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from boomerang_core.evaluate import CurvePoint
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     undistilled = [
