@@ -1,5 +1,6 @@
-"""A real gateway process for tests: launch it on a free port, wait for /health, read its metrics,
-and hold long streams open to load it."""
+"""A real server process for tests and benchmarks: launch it on a free port, wait for /health, read
+its metrics, hold long streams open to load it, stop it. The bench scripts import it too (with the
+repository root on ``sys.path``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,15 +50,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(config: Path, log: Path) -> Server:
-    port = free_port()
-    # one intra-op thread: tiny models gain nothing from more, and the test machine is shared
-    env = {**os.environ, "TINY_SERVER_KEY": KEY, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+def spawn(argv: Sequence[str], port: int, log: Path, env: Mapping[str, str] | None = None) -> Server:
+    """Run ``argv``, a server that listens on ``port`` of loopback, from the repository root with
+    ``env`` (default: this process's), its output appended to ``log``."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.run", str(config), "--port", str(port)],
-        cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        list(argv), cwd=REPO, env=dict(os.environ if env is None else env), stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
     )  # fmt: skip
     return Server(f"http://127.0.0.1:{port}", proc, log)
+
+
+def launch(
+    config: Path, log: Path, *, port: int | None = None, threads: int = 1, env: Mapping[str, str] | None = None
+) -> Server:
+    """``python -m server.run CONFIG`` on ``port`` (a free one by default) with ``TINY_SERVER_KEY`` set to
+    ``KEY``, ``threads`` intra-op threads and ``env`` on top of this process's environment."""
+    port = port or free_port()
+    # one intra-op thread by default: tiny models gain nothing from more, and the test machine is shared
+    defaults = {"TINY_SERVER_KEY": KEY, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
+    argv = [sys.executable, "-m", "server.run", str(config), "--port", str(port)]
+    return spawn(argv, port, log, {**os.environ, **defaults, **(env or {})})
 
 
 def stop(*servers: Server, timeout: float = 20) -> None:
@@ -69,15 +82,18 @@ def stop(*servers: Server, timeout: float = 20) -> None:
             server.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             server.proc.kill()
+            server.proc.wait()
 
 
-def wait_ready(server: Server, timeout: float = 180) -> None:
+def wait_ready(server: Server, timeout: float = 180, headers: Mapping[str, str] | None = None) -> None:
+    """Until ``/health`` (asked with ``headers``) answers 200; an error if the process exits first or
+    ``timeout`` s pass."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
             raise RuntimeError(f"server exited:\n{server.log.read_text()[-3000:]}")
         try:
-            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{server.url}/health", headers=headers, timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass

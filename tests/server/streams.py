@@ -71,3 +71,11 @@ class Stream:
         self.thread.join(120)
         assert not self.thread.is_alive()
         return self
+
+
+def open_streams(server: Server, count: int, timeout: float = 60, **kw: Any) -> list[Stream]:
+    """``count`` streams (``kw`` as for ``Stream``) started at once, each past its first event unfailed."""
+    streams = [Stream(server, **kw).start() for _ in range(count)]
+    for s in streams:
+        assert s.first.wait(timeout) and s.failure is None
+    return streams

@@ -20,8 +20,8 @@ import openai
 import pytest
 
 from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
-from tests.server.live import KEY, PROMPTS, Server, launch, wait_ready
-from tests.server.streams import AUTH, LONG, Stream
+from tests.server.live import KEY, PROMPTS, Server, launch, stop, wait_ready
+from tests.server.streams import AUTH, LONG, Stream, open_streams
 
 pytestmark = pytest.mark.server
 HEADER_TIMEOUT_S = 1.0
@@ -33,12 +33,6 @@ def config(dirs: TinyFamilyDirs, tmp: Path, name: str, **sections: Any) -> Path:
     data = deploy_dict(dirs, auth={"api_key_env": "TINY_SERVER_KEY"}, **sections)
     data["limits"] = {"max_tokens": 500, **data.get("limits", {})}
     return write_deploy(tmp / f"{name}.yaml", data)
-
-
-def stop(server: Server) -> None:
-    if server.proc.poll() is None:
-        server.proc.kill()
-    server.proc.wait(30)
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +64,7 @@ def fleet(tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory) -
             wait_ready(servers[name])
         yield servers
     finally:
-        for server in servers.values():
-            stop(server)
+        stop(*servers.values(), timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -234,9 +227,7 @@ def test_a_deploy_that_cannot_be_served_exits_non_zero_with_one_line(fleet: dict
 
 def test_sigterm_drains_streams_in_flight_refuses_new_requests_and_exits_0(fleet: dict[str, Server]) -> None:
     server = fleet["limited"]
-    streams = [Stream(server).start() for _ in range(3)]
-    for s in streams:
-        assert s.first.wait(60) and s.failure is None
+    streams = open_streams(server, 3)
     server.proc.send_signal(signal.SIGTERM)
     health = wait_health(server, 503)
     assert health.json()["status"] == "draining"
@@ -257,9 +248,7 @@ def test_sigterm_drains_streams_in_flight_refuses_new_requests_and_exits_0(fleet
 
 def test_grace_exceeded_cuts_streams_with_an_error_event_and_exits_0(fleet: dict[str, Server]) -> None:
     server = fleet["cut"]
-    streams = [Stream(server).start() for _ in range(4)]
-    for s in streams:
-        assert s.first.wait(60) and s.failure is None
+    streams = open_streams(server, 4)
     server.proc.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
     assert server.proc.wait(30) == 0

@@ -9,35 +9,21 @@ once the worker is back (the pool replaces the replica). A prompt longer than wh
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
 from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
-from tests.server.live import KEY, PROMPTS, REPO, Server, free_port, stop, wait_ready
-from tests.server.streams import Stream
+from tests.server.live import PROMPTS, free_port, launch, stop, wait_ready
+from tests.server.streams import open_streams
 
 pytestmark = [pytest.mark.server, pytest.mark.vllm]
 MAX_MODEL_LEN = 128
 WORKER_PROMPT_LIMIT = 100
-
-
-def launch_on(config: Path, log: Path, port: int) -> Server:
-    """Like ``live.launch``, on a given port (a worker comes back where the pool expects it)."""
-    env = {**os.environ, "TINY_SERVER_KEY": KEY, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.run", str(config), "--port", str(port)],
-        cwd=REPO, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    return Server(f"http://127.0.0.1:{port}", proc, log)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +48,8 @@ def pool(tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory) ->
         ),
     )  # fmt: skip
     started = {
-        "worker": launch_on(worker_file, tmp / "worker.log", worker_port),
-        "gateway": launch_on(gateway_file, tmp / "gateway.log", free_port()),
+        "worker": launch(worker_file, tmp / "worker.log", port=worker_port),
+        "gateway": launch(gateway_file, tmp / "gateway.log"),
     }
     state: dict[str, Any] = {**started, "worker_file": worker_file, "tmp": tmp}
     try:
@@ -87,14 +73,12 @@ def test_a_prompt_longer_than_what_the_engine_takes_is_a_400(pool: dict[str, Any
 
 def test_a_killed_worker_costs_only_the_requests_it_held(pool: dict[str, Any]) -> None:
     gateway, worker = pool["gateway"], pool["worker"]
-    held = [Stream(gateway, size="k4").start() for _ in range(2)]
-    spared = [Stream(gateway, size="k2", max_tokens=100).start() for _ in range(2)]
-    for s in held + spared:
-        assert s.first.wait(120) and s.failure is None
+    held = open_streams(gateway, 2, timeout=120, size="k4")
+    spared = open_streams(gateway, 2, timeout=120, size="k2", max_tokens=100)
     worker.proc.send_signal(signal.SIGKILL)
     worker.proc.wait(30)
     # the worker comes back on its port, as a Kubernetes pod would; a request sent now waits for it
-    pool["worker2"] = launch_on(pool["worker_file"], pool["tmp"] / "worker2.log", int(worker.url.rsplit(":", 1)[1]))
+    pool["worker2"] = launch(pool["worker_file"], pool["tmp"] / "worker2.log", port=int(worker.url.rsplit(":", 1)[1]))
     after: dict[str, Any] = {}
 
     def later() -> None:

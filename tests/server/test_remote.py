@@ -5,10 +5,6 @@ becomes healthy, and the same worker behind a ``remote`` tier of the pool."""
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,20 +17,14 @@ from boomerang_core.assemble import build
 from boomerang_core.family import Family
 from server.config import parse_config
 from server.engines.base import EngineError, GenerationRequest, SamplingParams
+from server.engines.factory import pool_engine
 from server.engines.remote import RemoteEngine
-from server.gateway import load_family
-from server.pool.setup import pool_engine
+from server.services import load_family
 from tests.server.deploys import TinyFamilyDirs, deploy_dict, write_deploy
+from tests.server.live import free_port, launch, stop, wait_ready
 
 pytestmark = pytest.mark.server
-REPO = Path(__file__).resolve().parents[2]
 PROMPT = (5, 6, 7, 8, 9, 10)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -42,28 +32,12 @@ def worker(tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory) 
     """A boomerang server serving k3 alone: what a remote tier points at."""
     tmp = tmp_path_factory.mktemp("worker")
     config = write_deploy(tmp / "worker.yaml", deploy_dict(tiny_dirs, tiers=[{"name": "k3", "size": "k3"}]))
-    port = _free_port()
-    log = tmp / "worker.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.run", str(config), "--port", str(port)],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    server = launch(config, tmp / "worker.log")
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield url
+        wait_ready(server)
+        yield server.url
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(server, timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +77,7 @@ def test_streams_the_greedy_text_of_the_build_and_maps_errors(worker: str, famil
 
 def test_a_worker_that_never_becomes_healthy_is_a_clear_error(worker: str) -> None:
     async def scenario() -> None:
-        dead = RemoteEngine(f"http://127.0.0.1:{_free_port()}", "k3", start_timeout_s=1.5)
+        dead = RemoteEngine(f"http://127.0.0.1:{free_port()}", "k3", start_timeout_s=1.5)
         started = time.monotonic()
         with pytest.raises(EngineError, match=r"did not become healthy within 1.5 s: ConnectError"):
             await dead.start()
@@ -140,8 +114,6 @@ def test_the_gateway_serves_local_vllm_and_remote_tiers_side_by_side(
     worker: str, family: Family, tiny_dirs: TinyFamilyDirs, tmp_path: Path
 ) -> None:
     """A real gateway process whose deploy file mixes all three engine kinds, through the openai client."""
-    import openai
-
     tiers = [
         {"name": "small", "size": "k0"},
         {"name": "k3", "size": "k3", "engine": "remote", "url": worker},
@@ -149,35 +121,18 @@ def test_the_gateway_serves_local_vllm_and_remote_tiers_side_by_side(
     ]
     data = deploy_dict(tiny_dirs, tiers=tiers, engines={"vllm": {"max_model_len": 256, "kv_cache_gb": 0.02}},
                        pool={"memory_budget_gb": 4})  # fmt: skip
-    config = write_deploy(tmp_path / "gateway.yaml", data)
-    port = _free_port()
-    log = tmp_path / "gateway.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.run", str(config), "--port", str(port)],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    gateway = launch(write_deploy(tmp_path / "gateway.yaml", data), tmp_path / "gateway.log")
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+        wait_ready(gateway, timeout=300)
+        client = gateway.client()
         for size in ("k0", "k3", "k4"):
             stream = client.completions.create(
                 model=f"tiny:{size}", prompt=list(PROMPT), max_tokens=8, temperature=0, stream=True
             )
             text = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
             assert text == _expected(family, size, 8), size
-        metrics = httpx.get(f"{url}/metrics").text
+        metrics = httpx.get(f"{gateway.url}/metrics").text
         assert 'boomerang_replicas{size="k4"} 1.0' in metrics
         assert 'boomerang_scale_events_total{direction="up",reason="min",size="k4"} 1.0' in metrics
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(gateway, timeout=30)
