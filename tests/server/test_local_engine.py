@@ -401,3 +401,30 @@ def test_first_event_carries_the_time_spent_queued(family: Family) -> None:
     assert a[0].queue_s is not None and b[0].queue_s is not None
     assert b[0].queue_s > a[0].queue_s >= 0
     assert all(ev.queue_s is None for ev in a[1:] + b[1:])
+
+
+def test_engine_names_its_own_attention_and_leaves_sdpa_alone(family: Family) -> None:
+    """The packed attention is registered under its own name and named only in the engine's layer
+    configs: transformers' ``sdpa`` stays its own function, and the store's layers and every built
+    size keep the attention they were loaded with, while the engine serves."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from server.engines.local.packed import ATTENTION
+
+    async def started(engine: LocalEngine) -> LocalEngine:
+        return engine
+
+    engine = with_engine(family, started)
+    assert AttentionInterface()["sdpa"] is sdpa_attention_forward
+    engine_layers = {id(m) for s in engine._sizes for m in s.parts.layers}
+    for size in engine._sizes:
+        for layer in size.parts.layers:
+            assert layer.self_attn.config._attn_implementation == ATTENTION
+    store = family.store
+    for layers in store.layers.values():
+        for layer in layers:
+            assert id(layer) not in engine_layers
+            assert layer.self_attn.config._attn_implementation == "sdpa"
+    built = build(family.sizes[len(family.sizes) // 2].plan, store)
+    assert all(layer.self_attn.config._attn_implementation == "sdpa" for layer in store.adapter.get_layers(built))

@@ -22,8 +22,10 @@ from typing import Any
 
 import torch
 
-from boomerang_core.assemble import build
+from boomerang_core.assemble import bound_layers, layers_config
 from boomerang_core.family import Family
+from boomerang_core.plan import SizePlan
+from boomerang_core.store import LayerStore
 from server.engines.base import (
     Engine,
     EngineError,
@@ -34,18 +36,19 @@ from server.engines.base import (
     TokenLogprob,
 )
 from server.engines.local.detokenize import IncrementalDetokenizer, StopStrings
-from server.engines.local.request import ActiveRequest
-from server.engines.local.stats import LoadEstimates
 from server.engines.local.packed import (
+    ATTENTION,
     RowWork,
     SizeCache,
     SizeParts,
     SizeWork,
     forward_step,
-    install_attention,
     layer_order,
+    register_attention,
 )
+from server.engines.local.request import ActiveRequest
 from server.engines.local.sampling import RequestSampler, sample
+from server.engines.local.stats import LoadEstimates
 
 log = logging.getLogger(__name__)
 Owners = list[tuple[ActiveRequest, int, int]]  # per size in a step: (request, its first logit row, logit rows)
@@ -58,6 +61,28 @@ class _Size:
     params: int
     cache: SizeCache
     rows: list[ActiveRequest] = field(default_factory=list)
+
+
+def size_parts(store: LayerStore, plans: Sequence[SizePlan]) -> list[SizeParts]:
+    """Each plan's parts taken from the store: its embeddings, final norm, head and rotary embedding,
+    and at each depth the engine's container for that store layer, bound to the store's weights with
+    :data:`~server.engines.local.packed.ATTENTION` as its attention. There is one container per store
+    layer, whichever sizes and depths hold it, so a shared layer is one module that a step runs once."""
+    if store.rotary is None:
+        raise EngineError(f"{store.adapter.name} has no rotary embedding module; LocalEngine needs one")
+    register_attention()
+    refs = list(dict.fromkeys(r for plan in plans for r in plan.layers))
+    bound = dict(zip(refs, bound_layers(store, refs, layers_config(store, refs, ATTENTION)), strict=True))
+    return [
+        SizeParts(
+            embed=store.embeds[plan.embed],
+            layers=tuple(bound[r] for r in plan.layers),
+            norm=store.norms[plan.norm],
+            head=store.heads[plan.head],
+            rotary=store.rotary,
+        )
+        for plan in plans
+    ]
 
 
 class LocalEngine(Engine):
@@ -94,28 +119,13 @@ class LocalEngine(Engine):
         self.max_queue = max_queue
         self.prefill_tokens = prefill_tokens
         chosen = [family.by_name(n) for n in sizes] if sizes is not None else list(family.sizes)
-        self._sizes: list[_Size] = []
-        for fs in chosen:
-            model = build(fs.plan, store)
-            adapter = store.adapter
-            rotary = adapter.get_rotary(model)
-            if rotary is None:
-                raise EngineError(f"{adapter.name} has no rotary embedding module; LocalEngine needs one")
-            parts = SizeParts(
-                embed=adapter.get_embed(model),
-                layers=tuple(getattr(m, "layer", m) for m in adapter.get_layers(model)),
-                norm=adapter.get_norm(model),
-                head=adapter.get_head(model),
-                rotary=rotary,
-            )
-            self._sizes.append(_Size(fs.name, parts, fs.params, SizeCache(len(parts.layers))))
+        self._sizes = [
+            _Size(fs.name, parts, fs.params, SizeCache(len(parts.layers)))
+            for fs, parts in zip(chosen, size_parts(store, [fs.plan for fs in chosen]), strict=True)
+        ]
         self._by_name = {s.name: i for i, s in enumerate(self._sizes)}
         self._share = layer_sharing != "off"
         self._order = layer_order([s.parts.layers for s in self._sizes]) if layer_sharing == "any_depth" else None
-        for source, config in store.configs.items():
-            impl = getattr(config, "_attn_implementation", "sdpa")
-            if impl != "sdpa":
-                raise EngineError(f"LocalEngine needs sdpa attention; the {source} uses {impl!r}")
         config = store.configs["teacher"]
         self.max_context = int(getattr(config, "max_position_embeddings", 1 << 30))
         self.vocab_size = int(config.vocab_size)
@@ -153,7 +163,6 @@ class LocalEngine(Engine):
     async def start(self) -> None:
         if self._thread is not None:
             return
-        install_attention()
         self._thread = threading.Thread(target=self._run, name="boomerang-local-engine", daemon=True)
         self._thread.start()
 

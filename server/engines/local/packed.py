@@ -7,16 +7,18 @@ prefix every last-k size shares, or a teacher layer two sizes hold at different 
 per step over the tokens of all of them: its weights are read once, not once per size.
 
 Attention is the only part that must know which request a token belongs to. The layers are
-transformers' own; their attention calls the registered ``sdpa`` function, which this module wraps:
-when the call carries a :class:`LayerCall` (keyword ``boomerang_call``), keys and values go into
-each size's :class:`SizeCache` and attention runs per request over its own cache; without it the
-original function runs unchanged, so other users of the same layers see no difference.
+transformers' own, bound to the store's weights by the engine with a config whose attention
+implementation is :data:`ATTENTION`, a function registered under that name through transformers'
+public ``AttentionInterface``; nothing registered under another name changes, so every other model
+in the process keeps its own attention. The step hands each layer call its :class:`LayerCall`
+(keyword :data:`CALL_KWARG`, which transformers' layers forward to the attention function as
+they do every extra keyword); keys and values go into each size's :class:`SizeCache` and attention
+runs per request over its own cache.
 """
 
 from __future__ import annotations
 
 import graphlib
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,10 +26,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.modeling_utils import AttentionInterface
+from transformers import AttentionInterface
 
-CALL_KWARG = "boomerang_call"
-_INSTALL_LOCK = threading.Lock()
+ATTENTION = "boomerang_packed"  # the attention implementation named in the engine's layer config
+CALL_KWARG = "layer_call"
 
 
 class SizeCache:
@@ -194,37 +196,34 @@ def attend(call: LayerCall, query: Tensor, key: Tensor, value: Tensor, scaling: 
     return out
 
 
-def install_attention() -> None:
-    """Wrap transformers' registered ``sdpa`` function once per process (see the module docstring)."""
-    with _INSTALL_LOCK:
-        current = AttentionInterface._global_mapping["sdpa"]
-        if getattr(current, "_boomerang_wrapped", False):
-            return
-        original: Callable[..., Any] = current
+def packed_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """transformers' attention-function signature over :func:`attend`; the mask is the step's own."""
+    call = kwargs.get(CALL_KWARG)
+    if not isinstance(call, LayerCall):
+        raise RuntimeError(f"{ATTENTION} attention runs only inside a packed step (no {CALL_KWARG} was given)")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return attend(call, query, key, value, scale, sliding_window), None
 
-        def sdpa_or_packed(
-            module: nn.Module,
-            query: Tensor,
-            key: Tensor,
-            value: Tensor,
-            attention_mask: Tensor | None,
-            dropout: float = 0.0,
-            scaling: float | None = None,
-            **kwargs: Any,
-        ) -> tuple[Tensor, None]:
-            call = kwargs.pop(CALL_KWARG, None)
-            if call is None:
-                return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            return attend(call, query, key, value, scale, kwargs.get("sliding_window")), None
 
-        sdpa_or_packed._boomerang_wrapped = True  # type: ignore[attr-defined]
-        AttentionInterface.register("sdpa", sdpa_or_packed)
+def register_attention() -> None:
+    """Register :func:`packed_attention` as :data:`ATTENTION` (idempotent)."""
+    AttentionInterface.register(ATTENTION, packed_attention)
 
 
 @dataclass(frozen=True)
 class SizeParts:
-    """The modules of one built size, in depth order (the store's own modules, not copies)."""
+    """The modules of one size: the store's embeddings, final norm, head and rotary embedding, and
+    its layers in depth order (the engine's layer containers bound to the store's weights)."""
 
     embed: nn.Module
     layers: tuple[nn.Module, ...]
