@@ -3,8 +3,8 @@
 One thread owns all model work. The event loop only enqueues requests and aborts and reads events
 from per-request asyncio queues, filled through ``loop.call_soon_threadsafe``; it never waits on
 the model. Each worker step packs the next token of every decoding request and a chunk of every
-prefilling prompt, of every size, into one forward (:mod:`server.engines.local.packed`), so a new request
-joins the running batch at the next step and sizes are served side by side.
+prefilling prompt, of every size, into one forward (:mod:`server.engines.local.packed`), so a new
+request joins the running batch at the next step and sizes are served side by side.
 """
 
 from __future__ import annotations
