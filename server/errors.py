@@ -184,12 +184,15 @@ def sse_error(exc: BaseException) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """Errors of the routes other than generation, and of request validation, which runs before any
+    route (the generation endpoints answer and count their own errors: ``server.api.serving``)."""
+
     async def handle(request: Request, exc: Exception) -> JSONResponse:
         response = error_response(exc)
         services = getattr(request.app.state, "services", None)
-        if services is not None:  # counted under the route's template, never the raw path
+        if services is not None:  # counted under the route's template, never the raw path; no size chosen yet
             endpoint = getattr(request.scope.get("route"), "path", "other")
-            services.metrics.finished(getattr(request.state, "size", None), endpoint, response.status_code)
+            services.metrics.finished(None, endpoint, response.status_code)
         return response
 
     handled = (ApiError, RequestValidationError, StarletteHTTPException, EngineError, RoutingError, NotServing,

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from boomerang_core.family import Family
 from server.api.common import (
     FinishReason,
     GenerationFields,
@@ -17,11 +17,11 @@ from server.api.common import (
     Usage,
     check_text,
     check_tokens,
-    route,
     sse_content,
     usage,
 )
-from server.api.fanout import Choice, Fanout, collect_reply, stream_response
+from server.api.fanout import Choice, Fanout
+from server.api.serving import Generation, Prepared, serve
 from server.engines.base import TokenLogprob
 from server.errors import BadRequest, error_responses
 from server.services import Services, ServicesDep
@@ -214,33 +214,29 @@ async def _chunks(
 # --- serving ----------------------------------------------------------------------------------
 
 
-async def serve_chat(body: ChatCompletionRequest, request: Request, services: Services) -> Response:
-    body.reject_unsupported()
-    family, _ = services.ready()
-    prompt = await asyncio.to_thread(chat_prompt, services.tokenizer, body.messages)
-    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    if requested == 0:
-        raise BadRequest("max_tokens must be at least 1", param="max_tokens")
-    max_tokens = check_tokens(
-        services, family, [prompt], requested, services.config.limits.default_max_tokens, "messages"
-    )
-    if body.top_logprobs is not None and not body.logprobs:
-        raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
-    routed = route(request, services, body, [prompt], max_tokens, "chatcmpl")
-    logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    fanout = Fanout(routed.engine, routed.requests([prompt], body.sampling(max_tokens, logprobs), body.n),
-                    services.metrics, routed.observe)  # fmt: skip
-    await fanout.start()
-    size = routed.size.name
-    if body.stream:
-        chunks = _chunks(routed, fanout, body.logprobs, body.include_usage)
-        return stream_response(
-            fanout, chunks, routed.headers(), lambda status: services.metrics.finished(size, ENDPOINT, status)
+class ChatGeneration(Generation):
+    endpoint, id_prefix = ENDPOINT, "chatcmpl"
+    body: ChatCompletionRequest
+
+    async def prepare(self, services: Services, family: Family) -> Prepared:
+        body = self.body
+        prompt = await asyncio.to_thread(chat_prompt, services.tokenizer, body.messages)
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if requested == 0:
+            raise BadRequest("max_tokens must be at least 1", param="max_tokens")
+        max_tokens = check_tokens(
+            services, family, [prompt], requested, services.config.limits.default_max_tokens, "messages"
         )
-    choices = await collect_reply(request, fanout, lambda status: services.metrics.finished(size, ENDPOINT, status))
-    if choices is None:
-        return Response(status_code=499)
-    return JSONResponse(_response(routed, choices, body.logprobs), headers=routed.headers())
+        if body.top_logprobs is not None and not body.logprobs:
+            raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        return Prepared([prompt], max_tokens, body.sampling(max_tokens, logprobs))
+
+    def response(self, routed: Routed, choices: list[Choice]) -> dict[str, Any]:
+        return _response(routed, choices, self.body.logprobs)
+
+    def chunks(self, routed: Routed, fanout: Fanout) -> AsyncIterator[dict[str, Any]]:
+        return _chunks(routed, fanout, self.body.logprobs, self.body.include_usage)
 
 
 @router.post(
@@ -252,4 +248,4 @@ async def serve_chat(body: ChatCompletionRequest, request: Request, services: Se
     },
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, services: ServicesDep) -> Response:
-    return await serve_chat(body, request, services)
+    return await serve(request, services, ChatGeneration(body))

@@ -1,5 +1,5 @@
 """What chat and completions share: the OpenAI sampling fields, boomerang's size fields, refusal
-of fields the server cannot honour, token limits, and routing a request to one size's engine."""
+of fields the server cannot honour, token limits, and routing a request to one size."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
-from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from boomerang_core.family import Family, FamilySize
-from server.engines.base import Engine, GenerationRequest, SamplingParams
+from server.engines.base import GenerationRequest, SamplingParams
 from server.errors import BadRequest
 from server.routing import Decision, Router, RouteRequest
 from server.services import Services
@@ -143,7 +142,6 @@ class Routed:
 
     family: Family
     decision: Decision
-    engine: Engine
     served_as: str  # "family:size", the body's `model`
     request_id: str
     created: int
@@ -218,10 +216,10 @@ def check_tokens(
 
 
 def route(
-    request: Request, services: Services, body: GenerationFields, prompts: Sequence[Sequence[int]], max_tokens: int,
-    prefix: str,
+    services: Services, family: Family, router: Router, body: GenerationFields, prompts: Sequence[Sequence[int]],
+    max_tokens: int, prefix: str,
 ) -> Routed:  # fmt: skip
-    family, router = services.ready()
+    """Bind the request to the size the router chooses."""
     if body.n * len(prompts) > services.config.limits.max_n:
         raise BadRequest(f"n x prompts is {body.n * len(prompts)}; at most {services.config.limits.max_n}", param="n")
     size_text = router.size_text(body.model, None if body.size is None else str(body.size))
@@ -235,12 +233,9 @@ def route(
             n=body.n * len(prompts),
         )
     )
-    request.state.size = decision.size.name
-    engine = services.engine_for(decision.size)
     return Routed(
         family=family,
         decision=decision,
-        engine=engine,
         served_as=services.served_name(decision.size),
         request_id=f"{prefix}-{uuid.uuid4().hex}",
         created=int(time.time()),

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from boomerang_core.family import Family
 from server.api.common import (
     FinishReason,
     GenerationFields,
@@ -22,11 +22,11 @@ from server.api.common import (
     Usage,
     check_text,
     check_tokens,
-    route,
     sse_content,
     usage,
 )
-from server.api.fanout import Choice, Fanout, collect_reply, stream_response
+from server.api.fanout import Choice, Fanout
+from server.api.serving import Generation, Prepared, serve
 from server.engines.base import TokenLogprob
 from server.errors import BadRequest, error_responses
 from server.services import Services, ServicesDep
@@ -220,31 +220,32 @@ class Formatter:
 # --- serving ----------------------------------------------------------------------------------
 
 
-async def serve_completion(body: CompletionRequest, request: Request, services: Services) -> Response:
-    body.reject_unsupported()
-    family, _ = services.ready()
-    prompts = await asyncio.to_thread(read_prompts, services.tokenizer, body.prompt)
-    if body.max_tokens == 0 and not body.echo:
-        raise BadRequest("max_tokens must be at least 1 (0 is allowed only with echo)", param="max_tokens")
-    ids = [p.ids for p in prompts]
-    requested = None if body.max_tokens is None else max(body.max_tokens, 1)
-    max_tokens = check_tokens(services, family, ids, requested, DEFAULT_MAX_TOKENS, "prompt")
-    routed = route(request, services, body, ids, max_tokens, "cmpl")
-    prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
-    sampling = body.sampling(max_tokens, body.logprobs, prompt_logprobs)
-    fanout = Fanout(routed.engine, routed.requests(ids, sampling, body.n), services.metrics, routed.observe)
-    await fanout.start()
-    formatter = Formatter(routed, body, prompts, services.tokenizer)
-    size = routed.size.name
-    if body.stream:
-        return stream_response(
-            fanout, formatter.chunks(fanout), routed.headers(),
-            lambda status: services.metrics.finished(size, ENDPOINT, status),
-        )  # fmt: skip
-    choices = await collect_reply(request, fanout, lambda status: services.metrics.finished(size, ENDPOINT, status))
-    if choices is None:
-        return Response(status_code=499)
-    return JSONResponse(formatter.response(choices), headers=routed.headers())
+class CompletionGeneration(Generation):
+    endpoint, id_prefix = ENDPOINT, "cmpl"
+    body: CompletionRequest
+
+    def __init__(self, body: CompletionRequest) -> None:
+        super().__init__(body)
+        self.prompts: list[Prompt] = []
+        self.tokenizer: Any = None
+
+    async def prepare(self, services: Services, family: Family) -> Prepared:
+        body = self.body
+        self.tokenizer = services.tokenizer
+        self.prompts = await asyncio.to_thread(read_prompts, services.tokenizer, body.prompt)
+        if body.max_tokens == 0 and not body.echo:
+            raise BadRequest("max_tokens must be at least 1 (0 is allowed only with echo)", param="max_tokens")
+        ids = [p.ids for p in self.prompts]
+        requested = None if body.max_tokens is None else max(body.max_tokens, 1)
+        max_tokens = check_tokens(services, family, ids, requested, DEFAULT_MAX_TOKENS, "prompt")
+        prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+        return Prepared(ids, max_tokens, body.sampling(max_tokens, body.logprobs, prompt_logprobs))
+
+    def response(self, routed: Routed, choices: list[Choice]) -> dict[str, Any]:
+        return Formatter(routed, self.body, self.prompts, self.tokenizer).response(choices)
+
+    def chunks(self, routed: Routed, fanout: Fanout) -> AsyncIterator[dict[str, Any]]:
+        return Formatter(routed, self.body, self.prompts, self.tokenizer).chunks(fanout)
 
 
 @router.post(
@@ -256,4 +257,4 @@ async def serve_completion(body: CompletionRequest, request: Request, services: 
     },
 )
 async def create_completion(body: CompletionRequest, request: Request, services: ServicesDep) -> Response:
-    return await serve_completion(body, request, services)
+    return await serve(request, services, CompletionGeneration(body))

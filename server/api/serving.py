@@ -1,0 +1,86 @@
+"""The one serving path of the generation endpoints: check, route, fan out, answer, finish metrics.
+
+:func:`serve` runs every request of ``/v1/chat/completions`` and ``/v1/completions`` through the
+same steps, once each: refuse unsupported fields, check readiness, let the endpoint build its
+prompts and sampling (:meth:`Generation.prepare`), choose a size, start the choices on its engine,
+then answer with the whole reply or a stream, and count the request in the metrics exactly once
+(its status, and its size once routed). An endpoint supplies only what differs: its prompts and
+the shape of its bodies and chunks.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+
+from boomerang_core.family import Family
+from server.api.common import GenerationFields, Routed, route
+from server.api.fanout import Choice, Fanout, collect_reply, stream_response
+from server.engines.base import SamplingParams
+from server.errors import error_response
+from server.services import Services
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready to route: its prompts as token ids, its checked ``max_tokens``, its sampling."""
+
+    prompts: list[list[int]]
+    max_tokens: int
+    sampling: SamplingParams
+
+
+class Generation(abc.ABC):
+    """What one generation endpoint supplies to :func:`serve` for one request."""
+
+    endpoint: str  # the route's path, the metrics' endpoint label
+    id_prefix: str  # of the response id: "chatcmpl", "cmpl"
+
+    def __init__(self, body: GenerationFields) -> None:
+        self.body = body
+
+    @abc.abstractmethod
+    async def prepare(self, services: Services, family: Family) -> Prepared:
+        """Tokenise and check the request (blocking work off the event loop)."""
+
+    @abc.abstractmethod
+    def response(self, routed: Routed, choices: list[Choice]) -> dict[str, Any]:
+        """The whole reply's body."""
+
+    @abc.abstractmethod
+    def chunks(self, routed: Routed, fanout: Fanout) -> AsyncIterator[dict[str, Any]]:
+        """The stream's events, from the fanout's events."""
+
+
+async def serve(request: Request, services: Services, generation: Generation) -> Response:
+    body = generation.body
+    size: str | None = None  # the label the request is counted under, once routed
+
+    def finish(status: int) -> None:
+        services.metrics.finished(size, generation.endpoint, status)
+
+    try:
+        body.reject_unsupported()
+        family, router = services.ready()
+        prepared = await generation.prepare(services, family)
+        routed = route(services, family, router, body, prepared.prompts, prepared.max_tokens, generation.id_prefix)
+        size = routed.size.name
+        engine = services.engine_for(routed.size)
+        requests = routed.requests(prepared.prompts, prepared.sampling, body.n)
+        fanout = Fanout(engine, requests, services.metrics, routed.observe)
+        await fanout.start()
+    except Exception as exc:  # answered here, so that the error handler does not count it again
+        response = error_response(exc)
+        finish(response.status_code)
+        return response
+    if body.stream:
+        return stream_response(fanout, generation.chunks(routed, fanout), routed.headers(), finish)
+    choices = await collect_reply(request, fanout, finish)
+    if choices is None:
+        return Response(status_code=499)
+    return JSONResponse(generation.response(routed, choices), headers=routed.headers())
