@@ -26,41 +26,24 @@ def _family_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_family(args: argparse.Namespace) -> Any:
-    import torch
-
+    """The family the flags name (:meth:`Family.open`): ``--order`` builds every size of that
+    order, else the sizes saved in the student's ``family.json``, else the ``last`` order."""
     from boomerang_core.family import Family
-    from boomerang_core.store import LayerStore
 
-    dtype = getattr(torch, args.dtype)
-    if not args.teacher:
-        if args.student:
-            raise BoomerangError("--student needs --teacher")
-        from boomerang_core import demo
+    return Family.open(
+        args.teacher or None, args.student or None, order=_order(args.order), device=args.device, dtype=args.dtype
+    )
 
-        family = demo.load_demo_family(device=args.device, dtype=dtype)
-        if args.order is None:
-            return family
-        store = family.store
-    else:
-        store = LayerStore.load(args.teacher, args.student, device=args.device, dtype=dtype)
-    order = args.order or "last"
-    if order == "klpatch":
-        from boomerang_core.data import corpus_texts, token_blocks
-        from boomerang_core.quality.klpatch import klpatch_order
 
-        if store.tokenizer is None or store.spec is None:
-            raise BoomerangError("klpatch needs a student and a tokenizer")
-        _, _, calib = corpus_texts(None)
-        blocks = klpatch_order(store, token_blocks(store.tokenizer, calib, 256, max_blocks=4))
-        return Family.from_store("family", store, order=blocks)
-    if order not in ("last", "first"):
-        try:
-            return Family.from_store("family", store, order=[int(b) for b in order.split(",")])
-        except ValueError:
-            raise BoomerangError(
-                f"--order must be last, first, klpatch or a comma-separated block list, got {order!r}"
-            ) from None
-    return Family.from_store("family", store, order=order)
+def _order(text: str | None) -> str | list[int] | None:
+    if text is None or text in ("last", "first", "klpatch"):
+        return text
+    try:
+        return [int(b) for b in text.split(",")]
+    except ValueError:
+        raise BoomerangError(
+            f"--order must be last, first, klpatch or a comma-separated block list, got {text!r}"
+        ) from None
 
 
 def cmd_sizes(args: argparse.Namespace) -> int:

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from boomerang_core.errors import SizeOutOfRange
+import torch
+
+from boomerang_core.errors import SizeOutOfRange, StudentConfigError
 from boomerang_core.plan import SizePlan, enumerate_plans, patch_order, teacher_plan
 from boomerang_core.store import LayerStore
 
@@ -129,6 +131,51 @@ class Family:
         label = order if isinstance(order, str) else "explicit"
         return cls.from_plans(name, store, enumerate_plans(store.spec, blocks, origin=label), order=label)
 
+    @classmethod
+    def open(
+        cls,
+        teacher: str | Path | None = None,
+        student: str | Path | None = None,
+        *,
+        family_file: str | Path | None = None,
+        order: str | Sequence[int] | None = None,
+        default_order: str | Sequence[int] = "last",
+        device: str = "cpu",
+        dtype: str | torch.dtype = "float32",
+        name: str | None = None,
+    ) -> Family:
+        """The family of a teacher/student pair (HF directories, GGUF files or hub ids), loaded on
+        ``device`` in ``dtype`` (a torch dtype or its name); the demo family without a teacher.
+        Blocking: seconds, or the demo's first build.
+
+        Sizes: with ``order`` (``last``, ``first``, ``klpatch`` or a block list), every size of that
+        patch order (``klpatch`` searches it on the built-in corpus' calibration split). Else the
+        sizes saved in ``family.json`` (in ``family_file``, else in the student's directory; the demo
+        always has one), else every size of ``default_order``. ``name`` renames the family."""
+        torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        saved: Family | None
+        if teacher is None:
+            if student is not None:
+                raise StudentConfigError("a student needs its teacher")
+            from boomerang_core import demo
+
+            saved = demo.load_demo_family(device=device, dtype=torch_dtype)
+            store = saved.store
+        else:
+            store = LayerStore.load(teacher, student, device=device, dtype=torch_dtype)
+            directory = family_file if family_file is not None else student
+            saved = None
+            if order is None and directory is not None and (Path(directory) / FAMILY_FILE).is_file():
+                saved = cls.load(directory, store)
+        if order is None and saved is not None:
+            family = saved
+        else:
+            order = order if order is not None else default_order
+            family = cls.from_store("family", store, order=_klpatch_order(store) if order == "klpatch" else order)
+        if name is not None:
+            family.name = name
+        return family
+
     # --- lookup -------------------------------------------------------------------------------
 
     @property
@@ -224,3 +271,14 @@ class Family:
                 note = f"ppl {s.perplexity:.1f} {note}".strip()
             rows.append(f"{s.name:<6} {s.k:>3} {s.num_layers:>6} {s.params:>12,} {s.label:>6} {s.bytes:>12,}  {note}")
         return "\n".join(rows)
+
+
+def _klpatch_order(store: LayerStore) -> list[int]:
+    """The KLPatch order on the built-in corpus' calibration split (4 blocks of 256 tokens)."""
+    from boomerang_core.data import corpus_texts, token_blocks
+    from boomerang_core.quality.klpatch import klpatch_order
+
+    if store.tokenizer is None or store.spec is None:
+        raise StudentConfigError("klpatch needs a student and a tokenizer")
+    _, _, calib = corpus_texts(None)
+    return klpatch_order(store, token_blocks(store.tokenizer, calib, 256, max_blocks=4))

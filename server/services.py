@@ -10,15 +10,12 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 from fastapi import Depends, Request
 
 from boomerang_core.errors import BoomerangError
-from boomerang_core.family import FAMILY_FILE, Family, FamilySize
-from boomerang_core.store import LayerStore
+from boomerang_core.family import Family, FamilySize
 from server.config import DeployConfig
 from server.engines.base import Engine, EngineError
 from server.engines.factory import EngineFactory
@@ -47,18 +44,18 @@ FamilyLoader = Callable[[DeployConfig], Family]
 
 def load_family(config: DeployConfig) -> Family:
     """The family the config names, or the demo family when it names none. Blocking (seconds)."""
-    if config.family is None:
-        from boomerang_core.demo import load_demo_family
-
-        return load_demo_family()
     fc = config.family
-    store = LayerStore.load(fc.teacher, fc.student, device=fc.device, dtype=getattr(torch, fc.dtype))
-    family_dir = fc.family_file or fc.student
-    if family_dir is not None and (Path(family_dir) / FAMILY_FILE).is_file():
-        family = Family.load(family_dir, store)
-        family.name = fc.name
-        return family
-    return Family.from_store(fc.name, store, order=fc.patch_order)
+    if fc is None:
+        return Family.open()
+    return Family.open(
+        fc.teacher,
+        fc.student,
+        family_file=fc.family_file,
+        default_order=fc.patch_order,
+        device=fc.device,
+        dtype=fc.dtype,
+        name=fc.name,
+    )
 
 
 def tier_table(family: Family, config: DeployConfig) -> dict[str, str]:
