@@ -31,7 +31,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,10 +39,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests: the test suite's launcher, tiny families
+
 import httpx
 import numpy as np
 import psutil
 import yaml
+
+from tests.server.live import launch, stop, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 ENDPOINT = "/v1/chat/completions"
@@ -60,7 +63,6 @@ def family_section(tiny: bool, workdir: Path) -> tuple[dict[str, Any] | None, Pa
 
         ensure_demo()
         return None, demo_dir() / "teacher"
-    sys.path.insert(0, str(REPO))  # tests.tiny: the tiny families of the test suite
     from boomerang_core.family import Family
     from boomerang_core.store import LayerStore
     from tests.tiny import write_pair
@@ -71,34 +73,18 @@ def family_section(tiny: bool, workdir: Path) -> tuple[dict[str, Any] | None, Pa
 
 
 class Gateway:
+    """``python -m server.run`` on a deploy file written here, with a fresh API key."""
+
     def __init__(self, config: dict[str, Any], workdir: Path, threads: int) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         path = workdir / "deploy.yaml"
         path.write_text(yaml.safe_dump(config))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
-        self.url = f"http://127.0.0.1:{self.port}"
         self.key = secrets.token_hex(16)
-        self.log = workdir / "server.log"
-        env = {**os.environ, "BOOMERANG_API_KEY": self.key, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.run", str(path), "--port", str(self.port)],
-            cwd=REPO, env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        self.server = launch(path, workdir / "server.log", threads=threads, env={"BOOMERANG_API_KEY": self.key})
+        self.url, self.proc = self.server.url, self.server.proc
 
     def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"the server was not ready in {timeout} s")
+        wait_ready(self.server, timeout)
 
     def rss_bytes(self) -> int:
         return int(psutil.Process(self.proc.pid).memory_info().rss)
@@ -114,11 +100,7 @@ class Gateway:
         return counts
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop(self.server, timeout=30)
 
 
 # --- one locust run ---------------------------------------------------------------------------------

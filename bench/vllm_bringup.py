@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 HERE = Path(__file__).resolve().parent
 PROMPT = list(range(100, 164))
@@ -97,44 +95,28 @@ def result_of(args: list[str], env: dict[str, str]) -> dict[str, object]:
 
 def plain_server(checkpoint: str) -> float:
     """Seconds from launching vLLM's OpenAI server on ``checkpoint`` to its first streamed token."""
+    import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.server.live import free_port, spawn, stop, wait_ready
+
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint, "--port", str(port),
            "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "16",
            "--kv-cache-memory-bytes", str(int(KV_GB * 1e9)), "--generation-config", "vllm"]  # fmt: skip
     started = time.perf_counter()
-    with tempfile.TemporaryFile() as log:
-        return _first_token(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), port, checkpoint,
-                            started, log)  # fmt: skip
-
-
-def _first_token(proc: subprocess.Popen[bytes], port: int, checkpoint: str, started: float, log: Any) -> float:
-    import httpx
-
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError("vLLM server exited:\n" + log.read().decode()[-3000:])
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        body = {"model": checkpoint, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stream": True}
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
-            for line in response.iter_lines():
-                if line.startswith("data:"):
-                    return time.perf_counter() - started
-        raise RuntimeError("no token from the vLLM server")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    with tempfile.TemporaryDirectory(prefix="boomerang-vllm-") as tmp:
+        server = spawn(cmd, port, Path(tmp) / "vllm.log", env)
+        try:
+            wait_ready(server, timeout=1200)
+            body = {"model": checkpoint, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stream": True}
+            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data:"):
+                        return time.perf_counter() - started
+            raise RuntimeError("no token from the vLLM server")
+        finally:
+            stop(server, timeout=60)
 
 
 def main() -> None:
@@ -159,9 +141,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    sys.path[:0] = [str(HERE), str(HERE.parent)]  # vllm_common; tests: the test suite's server launcher
     mode = sys.argv[1] if len(sys.argv) > 1 else ""
     if mode in ("pool", "export"):
-        sys.path[:0] = [str(HERE), str(HERE.parent)]
         {"pool": pool_child, "export": export_child}[mode](*sys.argv[2:])
     else:
         main()
