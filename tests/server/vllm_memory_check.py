@@ -51,9 +51,8 @@ def mid_family() -> Family:
     return Family.from_store("mid", LayerStore.from_models(teacher, student, spec, tiny_tokenizer()))
 
 
-async def memory_checks(workdir: Path) -> None:
-    from tests.server.vllm_pool_check import report
-
+async def memory_checks(workdir: Path) -> dict[str, Any]:
+    """What a second store-backed engine and a plain engine on an exported size each add to PSS (bytes)."""
     family = mid_family()
     small, large = "k2", "k4"
     stepper = VllmStepper()
@@ -84,9 +83,10 @@ async def memory_checks(workdir: Path) -> None:
     weights = family.by_name(large).bytes
     shared = len({id(m) for m in family.store.plan_modules(family.by_name(small).plan)}
                  & {id(m) for m in family.store.plan_modules(family.by_name(large).plan)})  # fmt: skip
-    report("memory", store_added=p2 - p1, plain_added=p3 - p2, weights=weights, shared_modules=shared,
-           bound=b.bound_bytes)  # fmt: skip
+    result = {"store_added": p2 - p1, "plain_added": p3 - p2, "weights": weights, "shared_modules": shared,
+              "bound": b.bound_bytes}  # fmt: skip
     await stepper.call(lambda: release_engine(plain))
     await a.stop()
     await b.stop()
     stepper.stop()
+    return result

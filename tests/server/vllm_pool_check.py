@@ -27,6 +27,7 @@ from server.engines.base import EngineError, GenerationRequest, SamplingParams
 from server.engines.vllm.replica import VllmReplica, VllmSettings
 from server.engines.vllm.stepper import VllmStepper
 from server.pool.tiers import TierPool, TierSpec
+from tests.server.vllm_memory_check import memory_checks
 from tests.tiny import write_pair
 
 PROMPT = (5, 6, 7, 8, 9, 10)
@@ -184,9 +185,7 @@ def main() -> None:
     if what == "serve":
         asyncio.run(serve_checks(workdir))
     else:
-        from tests.server.vllm_memory_check import memory_checks
-
-        asyncio.run(memory_checks(workdir))
+        report("memory", **asyncio.run(memory_checks(workdir)))
 
 
 if __name__ == "__main__":
