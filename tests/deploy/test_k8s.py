@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from server.config import DeployConfig, load_config
-from tests.deploy.conftest import DEPLOY, run
+from tests.deploy.files import DEPLOY, run
 
 K8S = DEPLOY / "k8s"
 

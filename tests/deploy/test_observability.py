@@ -26,7 +26,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.deploy.conftest import DEPLOY, REPO, run
+from tests.deploy.files import DEPLOY, REPO, run
 from tests.tiny import write_pair
 
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "boomerang.json"
