@@ -76,7 +76,7 @@ def fuse_store(store: LayerStore) -> FuseReport:
                     for part, t in zip(parts, tensors, strict=True):
                         rows = t.shape[0]
                         view = nn.Parameter(fused[start : start + rows], requires_grad=False)
-                        getattr(sub, part)._parameters[kind] = view
+                        getattr(sub, part).register_parameter(kind, view)
                         start += rows
                     fused_here[f"{fused_name}.{kind}"] = fused
                 if fused_here:

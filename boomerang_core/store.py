@@ -159,9 +159,9 @@ class LayerStore:
             return
         for s_mod in self._student_modules():
             for module in s_mod.modules():
-                for name, param in list(module._parameters.items()):
-                    if param is not None and param.data_ptr() in replacement:
-                        module._parameters[name] = replacement[param.data_ptr()]
+                for name, param in list(module.named_parameters(recurse=False, remove_duplicate=False)):
+                    if param.data_ptr() in replacement:
+                        module.register_parameter(name, replacement[param.data_ptr()])
 
     def _student_modules(self) -> Iterator[nn.Module]:
         yield self.embeds["student"]
