@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import secrets
 import signal
 import subprocess
@@ -91,13 +90,7 @@ class Gateway:
 
     def requests_by_status(self) -> Counter[str]:
         """boomerang_requests_total of the chat endpoint, summed over sizes, by HTTP status."""
-        counts: Counter[str] = Counter()
-        for line in httpx.get(f"{self.url}/metrics", timeout=30).text.splitlines():
-            m = re.match(r"boomerang_requests_total\{(.*)\} (\S+)$", line)
-            if m and f'endpoint="{ENDPOINT}"' in m.group(1):
-                status = re.search(r'status="(\d+)"', m.group(1))
-                counts[status.group(1) if status else "?"] += int(float(m.group(2)))
-        return counts
+        return self.server.requests_by_status(ENDPOINT)
 
     def stop(self) -> None:
         stop(self.server, timeout=30)
@@ -136,9 +129,7 @@ def wait_idle(gateway: Gateway, timeout: float = 120) -> None:
     """Until the engine has nothing running or waiting (what locust left behind is finished)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        text = httpx.get(f"{gateway.url}/metrics", timeout=30).text
-        live = sum(float(v) for v in re.findall(r"^boomerang_(?:running|waiting)_requests\{.*\} (\S+)$", text, re.M))
-        if live == 0:
+        if gateway.server.live_requests() == 0:
             return
         time.sleep(0.5)
 

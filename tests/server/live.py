@@ -11,7 +11,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,21 @@ class Server:
             if m and all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
                 return float(m.group(2))
         return 0.0
+
+    def requests_by_status(self, endpoint: str) -> Counter[str]:
+        """``boomerang_requests_total`` of ``endpoint``, summed over sizes, by HTTP status."""
+        counts: Counter[str] = Counter()
+        for line in httpx.get(f"{self.url}/metrics", timeout=30).text.splitlines():
+            m = re.match(r"boomerang_requests_total\{(.*)\} (\S+)$", line)
+            if m and f'endpoint="{endpoint}"' in m.group(1):
+                status = re.search(r'status="(\d+)"', m.group(1))
+                counts[status.group(1) if status else "?"] += int(float(m.group(2)))
+        return counts
+
+    def live_requests(self) -> float:
+        """Requests the engines are running or holding in their queues, over every size."""
+        text = httpx.get(f"{self.url}/metrics", timeout=30).text
+        return sum(float(v) for v in re.findall(r"^boomerang_(?:running|waiting)_requests\{.*\} (\S+)$", text, re.M))
 
 
 def free_port() -> int:
@@ -99,6 +116,19 @@ def wait_ready(server: Server, timeout: float = 180, headers: Mapping[str, str] 
             pass
         time.sleep(0.1)
     raise TimeoutError(f"server not ready in {timeout} s:\n{server.log.read_text()[-3000:]}")
+
+
+@contextmanager
+def serving(
+    *servers: Server, timeout: float = 180, headers: Mapping[str, str] | None = None, stop_timeout: float = 20
+) -> Iterator[None]:
+    """Wait until each of ``servers`` is ready (``wait_ready``); stop them all on leaving (``stop``)."""
+    try:
+        for server in servers:
+            wait_ready(server, timeout, headers)
+        yield
+    finally:
+        stop(*servers, timeout=stop_timeout)
 
 
 class Holders:

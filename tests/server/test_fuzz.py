@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from server.errors import to_api_error
 from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
 from tests.server.fuzz_checks import error_problem, sse_problem
-from tests.server.live import KEY, REPO, Server, launch, stop, wait_ready
+from tests.server.live import KEY, REPO, Server, launch, serving
 
 pytestmark = pytest.mark.server
 
@@ -40,11 +40,8 @@ def server(tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory) 
         auth={"api_key_env": "TINY_SERVER_KEY"},
     )
     started = launch(write_deploy(tmp / "fuzz.yaml", config), tmp / "fuzz.log")
-    try:
-        wait_ready(started)
+    with serving(started):
         yield started
-    finally:
-        stop(started)
 
 
 def test_schemathesis_finds_nothing(server: Server, capsys: pytest.CaptureFixture[str]) -> None:

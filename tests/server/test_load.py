@@ -10,38 +10,21 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from collections import Counter
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.server.deploys import TinyFamilyDirs, deploy_dict, write_deploy
-from tests.server.live import KEY, REPO, launch, stop, wait_ready
+from tests.server.live import KEY, REPO, launch, serving
 from tests.tiny import tiny_tokenizer
 
 pytestmark = pytest.mark.server
 MAX_TOKENS = 8
 ENDPOINT = "/v1/chat/completions"
-
-
-def server_counts(url: str) -> Counter[str]:
-    """The server's finished chat requests by HTTP status, over every size."""
-    counts: Counter[str] = Counter()
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        m = re.match(r'boomerang_requests_total\{(.*)status="(\d+)"(.*)\} (\S+)$', line)
-        if m and f'endpoint="{ENDPOINT}"' in m.group(1) + m.group(3):
-            counts[m.group(2)] += int(float(m.group(4)))
-    return counts
-
-
-def live_requests(url: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return sum(float(v) for v in re.findall(r"^boomerang_(?:running|waiting)_requests\{.*\} (\S+)$", text, re.M))
 
 
 def expected_prompt_tokens(prompt: str) -> int:
@@ -57,8 +40,7 @@ def load_run(tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory
     config = deploy_dict(tiny_dirs, engines={"local": {"max_batch_size": 2, "max_queue": 2}},
                          auth={"api_key_env": "TINY_SERVER_KEY"})  # fmt: skip
     server = launch(write_deploy(tmp / "deploy.yaml", config), tmp / "server.log")
-    try:
-        wait_ready(server)
+    with serving(server, stop_timeout=30):
         records = tmp / "records.jsonl"
         env = {**os.environ, "LOAD_RECORDS": str(records), "LOAD_API_KEY": KEY, "LOAD_MAX_TOKENS": str(MAX_TOKENS),
                "LOAD_PACE_S": "0.5"}  # fmt: skip
@@ -70,14 +52,12 @@ def load_run(tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, cwd=REPO)
         assert done.returncode == 0, done.stderr[-3000:]
         deadline = time.monotonic() + 30
-        while live_requests(server.url) and time.monotonic() < deadline:
+        while server.live_requests() and time.monotonic() < deadline:
             time.sleep(0.1)
         rows = [json.loads(line) for line in records.read_text().splitlines()]
         counted = sum(e["num_requests"] for e in json.loads((tmp / "locust.json").read_text()))  # written at exit
-        return {"rows": rows, "server": server_counts(server.url), "live": live_requests(server.url),
+        return {"rows": rows, "server": server.requests_by_status(ENDPOINT), "live": server.live_requests(),
                 "locust_requests": counted}  # fmt: skip
-    finally:
-        stop(server, timeout=30)
 
 
 def test_every_request_locust_sent_has_an_outcome_and_the_server_agrees(load_run: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ from server.engines.factory import pool_engine
 from server.engines.remote import RemoteEngine
 from server.services import load_family
 from tests.server.deploys import TinyFamilyDirs, deploy_dict, write_deploy
-from tests.server.live import free_port, launch, stop, wait_ready
+from tests.server.live import free_port, launch, serving
 
 pytestmark = pytest.mark.server
 PROMPT = (5, 6, 7, 8, 9, 10)
@@ -33,11 +33,8 @@ def worker(tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory) 
     tmp = tmp_path_factory.mktemp("worker")
     config = write_deploy(tmp / "worker.yaml", deploy_dict(tiny_dirs, tiers=[{"name": "k3", "size": "k3"}]))
     server = launch(config, tmp / "worker.log")
-    try:
-        wait_ready(server)
+    with serving(server, stop_timeout=30):
         yield server.url
-    finally:
-        stop(server, timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +119,7 @@ def test_the_gateway_serves_local_vllm_and_remote_tiers_side_by_side(
     data = deploy_dict(tiny_dirs, tiers=tiers, engines={"vllm": {"max_model_len": 256, "kv_cache_gb": 0.02}},
                        pool={"memory_budget_gb": 4})  # fmt: skip
     gateway = launch(write_deploy(tmp_path / "gateway.yaml", data), tmp_path / "gateway.log")
-    try:
-        wait_ready(gateway, timeout=300)
+    with serving(gateway, timeout=300, stop_timeout=30):
         client = gateway.client()
         for size in ("k0", "k3", "k4"):
             stream = client.completions.create(
@@ -134,5 +130,3 @@ def test_the_gateway_serves_local_vllm_and_remote_tiers_side_by_side(
         metrics = httpx.get(f"{gateway.url}/metrics").text
         assert 'boomerang_replicas{size="k4"} 1.0' in metrics
         assert 'boomerang_scale_events_total{direction="up",reason="min",size="k4"} 1.0' in metrics
-    finally:
-        stop(gateway, timeout=30)

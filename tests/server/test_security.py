@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -31,7 +30,7 @@ from server.services import load_family
 from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
 from tests.server.fakes import ScriptedEngine
 from tests.server.fuzz_checks import error_problem, sse_problem
-from tests.server.live import KEY, REPO, Server, free_port, launch, stop
+from tests.server.live import KEY, REPO, Server, free_port, launch, serving, spawn
 from tests.tiny import write_pair
 
 pytestmark = pytest.mark.server
@@ -63,30 +62,10 @@ def config_for(dirs: TinyFamilyDirs, **auth: Any) -> dict[str, Any]:
 
 
 def launch_debug(config: Path, log: Path) -> Server:
+    """The app under uvicorn with every logger at DEBUG (``DEBUG_SERVER``), like ``live.launch``."""
     port = free_port()
     env = {**os.environ, "TINY_SERVER_KEY": KEY, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", DEBUG_SERVER, str(config), str(port)],
-        cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    return Server(f"http://127.0.0.1:{port}", proc, log)
-
-
-def wait_keyed(server: Server, timeout: float = 180) -> None:
-    """Like ``live.wait_ready``, sending the key (``/health`` may need it)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"server exited:\n{server.log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{server.url}/health", headers=AUTH, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"server not ready in {timeout} s:\n{server.log.read_text()[-3000:]}")
+    return spawn([sys.executable, "-c", DEBUG_SERVER, str(config), str(port)], port, log, env)
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +77,8 @@ def servers(tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory)
         "keyed": launch_debug(write_deploy(tmp / "keyed.yaml", config_for(tiny_dirs)), tmp / "keyed.log"),
         "locked": launch(write_deploy(tmp / "locked.yaml", locked), tmp / "locked.log"),
     }
-    try:
-        for server in started.values():
-            wait_keyed(server)
+    with serving(*started.values(), headers=AUTH):  # /health may need the key
         yield started
-    finally:
-        stop(*started.values())
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from boomerang_core.family import Family
 from server.config import parse_config
 from server.services import load_family
 from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
-from tests.server.live import KEY, PROMPTS, Holders, Server, launch, stop, wait_ready
+from tests.server.live import KEY, PROMPTS, Holders, Server, launch, serving
 
 pytestmark = pytest.mark.server
 
@@ -44,12 +44,8 @@ def servers(tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory)
         "main": launch(write_deploy(tmp / "main.yaml", main), tmp / "main.log"),
         "strict": launch(write_deploy(tmp / "strict.yaml", strict), tmp / "strict.log"),
     }
-    try:
-        for server in started.values():
-            wait_ready(server)
+    with serving(*started.values()):
         yield started
-    finally:
-        stop(*started.values())
 
 
 @pytest.fixture(scope="module")
