@@ -18,6 +18,7 @@ import pytest
 from server.config import DeployConfig, load_config
 from server.config_cli import check_file, check_files, json_schema
 from tests.deploy.files import DEPLOY, REPO, deploy_configs, run
+from tests.server.live import free_port
 
 BROKEN = sorted((Path(__file__).parent / "broken").glob("*.yaml"))
 
@@ -51,12 +52,6 @@ def test_there_are_many_distinct_broken_files() -> None:
     assert len(single) >= 8  # one mistake each: the error is one line
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
@@ -67,7 +62,7 @@ def _port_open(port: int) -> bool:
 def test_serve_refuses_a_broken_file(path: Path) -> None:
     """``boomerang serve --config BROKEN`` exits 2 with the lines ``config check`` prints (the
     field's path in each), no traceback, and never listens."""
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--config", str(path), "--port", str(port)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     listened = False

@@ -13,9 +13,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import re
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +23,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.deploy.files import DEPLOY, REPO, run
+from tests.deploy.files import DEPLOY, run
+from tests.server.live import Server, free_port, launch, spawn, stop, wait_ready
 from tests.tiny import write_pair
 
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "boomerang.json"
@@ -170,26 +168,6 @@ class Live:
         return result
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready in {timeout} s:\n{log.read_text()[-3000:]}")
-
-
 def _load(gateway: str) -> None:
     """Streams and plain requests over every tier and `auto`, a few at a time."""
 
@@ -205,15 +183,9 @@ def _load(gateway: str) -> None:
         list(pool.map(one, range(8)))
 
 
-def _launch(config: dict[str, Any], tmp: Path, name: str) -> tuple[str, subprocess.Popen[bytes], Path]:
-    port = _free_port()
+def _launch(config: dict[str, Any], tmp: Path, name: str) -> Server:
     (tmp / f"{name}.yaml").write_text(yaml.safe_dump(config))
-    log = tmp / f"{name}.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.run", str(tmp / f"{name}.yaml"), "--port", str(port)],
-        cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    return f"http://127.0.0.1:{port}", proc, log
+    return launch(tmp / f"{name}.yaml", tmp / f"{name}.log")
 
 
 @pytest.fixture(scope="module")
@@ -221,41 +193,37 @@ def live(prometheus_server: str, tmp_path_factory: pytest.TempPathFactory) -> It
     tmp = tmp_path_factory.mktemp("observability")
     teacher, student = write_pair(tmp, "llama", layers=6)
     family = {"name": "tiny", "teacher": str(teacher), "student": str(student)}
-    procs: list[subprocess.Popen[bytes]] = []
+    started: list[Server] = []
     try:
-        worker_url, worker, worker_log = _launch(
-            {"family": family, "tiers": [{"name": REMOTE_TIER, "size": TIERS[REMOTE_TIER]}]}, tmp, "worker"
-        )
-        procs.append(worker)
+        worker_tiers = [{"name": REMOTE_TIER, "size": TIERS[REMOTE_TIER]}]
+        started.append(worker := _launch({"family": family, "tiers": worker_tiers}, tmp, "worker"))
         tiers = [{"name": name, "size": size} for name, size in TIERS.items() if name != REMOTE_TIER]
-        tiers.append({"name": REMOTE_TIER, "size": TIERS[REMOTE_TIER], "engine": "remote", "url": worker_url})
+        tiers.append({"name": REMOTE_TIER, "size": TIERS[REMOTE_TIER], "engine": "remote", "url": worker.url})
         gateway_config = {"family": family, "tiers": tiers, "routing": {"slo_ms": 60_000},
                           "pool": {"memory_budget_gb": 1, "scale_interval_s": 0.5}}  # fmt: skip
-        gateway, gw, gw_log = _launch(gateway_config, tmp, "gateway")  # its remote tier waits for the worker
-        procs.append(gw)
+        started.append(gateway := _launch(gateway_config, tmp, "gateway"))  # its remote tier waits for the worker
         committed = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
         (job,) = committed["scrape_configs"]
-        job["static_configs"][0]["targets"] = [gateway.removeprefix("http://")]
+        job["static_configs"][0]["targets"] = [gateway.url.removeprefix("http://")]
         prom_config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(p) for p in RULES],
             "scrape_configs": [job],
         }
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(prom_config))
-        prom_port, prom_log = _free_port(), tmp / "prometheus.log"
-        procs.append(prom := subprocess.Popen(
+        prom_port = free_port()
+        started.append(prom := spawn(
             [prometheus_server, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}"],
-            stdout=prom_log.open("wb"), stderr=subprocess.STDOUT,
+             f"--web.listen-address=127.0.0.1:{prom_port}"], prom_port, tmp / "prometheus.log",
         ))  # fmt: skip
-        _wait(f"{worker_url}/health", worker, worker_log)
-        _wait(f"{gateway}/health", gw, gw_log)
-        _wait(f"http://127.0.0.1:{prom_port}/-/ready", prom, prom_log, timeout=60)
-        sizes = sorted(httpx.get(f"{gateway}/health").json()["sizes"])
+        wait_ready(worker)
+        wait_ready(gateway)
+        wait_ready(prom, timeout=60, path="/-/ready")
+        sizes = sorted(httpx.get(f"{gateway.url}/health").json()["sizes"])
         assert len(sizes) == len(TIERS), sizes
-        (remote_size,) = httpx.get(f"{worker_url}/health").json()["sizes"]
-        _load(gateway)
-        result = Live(f"http://127.0.0.1:{prom_port}", gateway, sizes, [remote_size])
+        (remote_size,) = httpx.get(f"{worker.url}/health").json()["sizes"]
+        _load(gateway.url)
+        result = Live(prom.url, gateway.url, sizes, [remote_size])
         deadline = time.monotonic() + 30  # until the load has reached the recording rules
         while time.monotonic() < deadline:
             seen = {s["metric"].get("size") for s in result.query("size:boomerang_generation_tokens:rate1m > 0")}
@@ -265,13 +233,7 @@ def live(prometheus_server: str, tmp_path_factory: pytest.TempPathFactory) -> It
         time.sleep(2)
         yield result
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(*started)
 
 
 def _check(live: Live, expr: str, sizeless: bool = False) -> None:

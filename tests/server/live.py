@@ -102,15 +102,17 @@ def stop(*servers: Server, timeout: float = 20) -> None:
             server.proc.wait()
 
 
-def wait_ready(server: Server, timeout: float = 180, headers: Mapping[str, str] | None = None) -> None:
-    """Until ``/health`` (asked with ``headers``) answers 200; an error if the process exits first or
+def wait_ready(
+    server: Server, timeout: float = 180, headers: Mapping[str, str] | None = None, path: str = "/health"
+) -> None:
+    """Until ``path`` (asked with ``headers``) answers 200; an error if the process exits first or
     ``timeout`` s pass."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
             raise RuntimeError(f"server exited:\n{server.log.read_text()[-3000:]}")
         try:
-            if httpx.get(f"{server.url}/health", headers=headers, timeout=2).status_code == 200:
+            if httpx.get(f"{server.url}{path}", headers=headers, timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
