@@ -17,8 +17,9 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.middleware.cors import CORSMiddleware
 
-from server.api import chat, completions, health, models
+from server.api import chat, completions, health, models, tokenize
 from server.api.guards import DrainGuard, RequestGuard
+from server.api.request_id import RequestIdHeader
 from server.config import DeployConfig
 from server.engines.factory import EngineFactory, build_engine
 from server.errors import install_error_handlers
@@ -55,7 +56,7 @@ def create_app(
     app = FastAPI(title="boomerang", version="0.1.0", lifespan=lifespan)
     app.state.services = services
     install_error_handlers(app)
-    for module in (chat, completions, models, health):
+    for module in (chat, completions, tokenize, models, health):
         app.include_router(module.router)
     app.openapi = functools.partial(openapi_schema, app, keyed=settings.auth.resolved_key() is not None)  # type: ignore[method-assign]
     app.add_middleware(RequestGuard, config=settings, metrics=services.metrics)
@@ -66,7 +67,8 @@ def create_app(
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    app.add_middleware(DrainGuard, drain=services.drain)  # outermost: counts requests in flight, answers while draining
+    app.add_middleware(DrainGuard, drain=services.drain)  # counts requests in flight, answers while draining
+    app.add_middleware(RequestIdHeader)  # outermost: every response, the guards' too, carries X-Request-Id
     return app
 
 

@@ -120,6 +120,11 @@ class RoutingConfig(_Section):
     prior_flops_per_s: Annotated[float, Field(gt=0)] = 2e10
     prior_bytes_per_s: Annotated[float, Field(gt=0)] = 1e10
     prior_step_overhead_ms: Annotated[float, Field(ge=0)] = 5.0
+    typical_tokens: Annotated[int, Field(ge=1)] = Field(
+        default=256,
+        description="tokens a request that sets no max_tokens is predicted to generate (its max_tokens is the rest "
+        "of the context), and a running request's remaining tokens where the engine does not report them",
+    )
     latency_quantile: Annotated[float, Field(gt=0, lt=1)] = Field(
         default=0.98,
         description="predictions are scaled by this quantile of actual / predicted latency over the engine's "
@@ -139,11 +144,19 @@ class LimitsConfig(_Section):
     max_prompt_tokens: Annotated[int | None, Field(ge=1)] = Field(
         default=None, description="default: the model's context length"
     )
-    max_tokens: Annotated[int, Field(ge=1)] = 4096
-    default_max_tokens: Annotated[int, Field(ge=1)] = Field(
-        default=256, description="chat max_tokens when the request sets none (capped by max_tokens and the context)"
+    max_tokens: Annotated[int | None, Field(ge=1)] = Field(
+        default=None, description="the most max_tokens a request may ask for; default: no limit but the context"
     )
-    max_n: Annotated[int, Field(ge=1, le=128)] = 16
+    default_max_tokens: Annotated[int | None, Field(ge=1)] = Field(
+        default=None,
+        description="chat max_tokens when the request sets none; default: the rest of the context, as vLLM and "
+        "OpenAI (capped by max_tokens)",
+    )
+    max_n: Annotated[int | None, Field(ge=1)] = Field(
+        default=None,
+        description="the most choices (n x prompts) in one request; default: what the local engine holds at once "
+        "(engines.local max_batch_size + max_queue)",
+    )
 
 
 class AuthConfig(_Section):

@@ -107,7 +107,7 @@ class Services:
             self.engines,
             self.config.routing,
             max_batch_size=self.config.engines.local.max_batch_size,
-            typical_tokens=self.config.limits.default_max_tokens,
+            typical_tokens=self.config.routing.typical_tokens,
             on_decision=self.metrics.decision,
         )
         self.metrics.set_weights(family.store.resident_bytes(), {s.name: s.bytes for s in family.sizes})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
@@ -13,10 +14,13 @@ from boomerang_core.family import Family
 from server.api.common import (
     FinishReason,
     GenerationFields,
+    NullableBool,
     Routed,
     Usage,
     check_text,
     check_tokens,
+    finite_logprob,
+    predicted_tokens,
     sse_content,
     usage,
 )
@@ -38,18 +42,49 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(BaseModel):
+    """A tool call of an earlier assistant turn, as clients send it back."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    refusal: str | None = None
 
 
 class ChatCompletionRequest(GenerationFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: bool = False
+    logprobs: NullableBool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    # vLLM's chat extras
+    echo: NullableBool = Field(default=False, description="the reply starts with the last message's content "
+                               "when that message is the assistant's")  # fmt: skip
+    add_generation_prompt: NullableBool = Field(
+        default=True, description="open the assistant's turn after the messages (the chat template's flag)"
+    )
+    continue_final_message: NullableBool = Field(
+        default=False, description="leave the last message open for the model to continue (not with "
+        "add_generation_prompt)",
+    )  # fmt: skip
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None, description="extra variables for the chat template"
+    )
 
 
 class TopLogprob(BaseModel):
@@ -137,16 +172,58 @@ def _text_of(message: ChatMessage, index: int) -> str:
     return "".join(parts)
 
 
-def chat_prompt(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
-    """The chat template applied to the messages, with the assistant turn opened. Blocking."""
+def _turn(message: ChatMessage, index: int) -> dict[str, Any]:
+    """One message as the chat template reads it: tool calls' arguments as objects (what the
+    templates of tool-using models index into, as vLLM gives them), unset fields left out."""
+    turn: dict[str, Any] = {"role": message.role, "content": _text_of(message, index)}
+    if message.name is not None:
+        turn["name"] = message.name
+    if message.tool_call_id is not None:
+        turn["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        calls = []
+        for j, call in enumerate(message.tool_calls):
+            try:
+                arguments = json.loads(call.function.arguments)
+            except json.JSONDecodeError:
+                raise BadRequest(
+                    "the arguments of a tool call are not JSON", param=f"messages[{index}].tool_calls[{j}]"
+                ) from None
+            calls.append({"id": call.id, "type": call.type, "function": {"name": call.function.name,
+                                                                         "arguments": arguments}})  # fmt: skip
+        turn["tool_calls"] = calls
+    return turn
+
+
+def chat_prompt(
+    tokenizer: Any, messages: list[ChatMessage], *, add_generation_prompt: bool = True,
+    continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
+) -> list[int]:  # fmt: skip
+    """The chat template applied to the messages, with the assistant turn opened (or the last
+    message left open with ``continue_final_message``). Blocking."""
     if not getattr(tokenizer, "chat_template", None):
         raise BadRequest("this model has no chat template: use /v1/completions", param="messages")
-    turns = [{"role": m.role, "content": _text_of(m, i)} for i, m in enumerate(messages)]
+    if continue_final_message and add_generation_prompt:
+        raise BadRequest("continue_final_message and add_generation_prompt cannot both be true",
+                         param="continue_final_message")  # fmt: skip
+    turns = [_turn(m, i) for i, m in enumerate(messages)]
+    flags = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message}
     try:
-        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(turns, **{**(template_kwargs or {}), **flags, "tokenize": False})
     except Exception as exc:  # a template that raises (e.g. roles out of order) is the client's message
         raise BadRequest(f"the chat template rejected the messages: {exc}", param="messages") from None
+    if not isinstance(text, str):
+        raise BadRequest("chat_template_kwargs asked the template for something other than text",
+                         param="chat_template_kwargs")  # fmt: skip
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def echo_text(body: ChatCompletionRequest) -> str:
+    """What ``echo`` puts before the reply: the last message's text when it is the assistant's (vLLM)."""
+    last = body.messages[-1]
+    if not body.echo or last.role != "assistant":
+        return ""
+    return _text_of(last, len(body.messages) - 1)
 
 
 # --- formatting -------------------------------------------------------------------------------
@@ -155,13 +232,13 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
 def _logprob_entry(lp: TokenLogprob) -> dict[str, Any]:
     return {
         "token": lp.token,
-        "logprob": lp.logprob,
+        "logprob": finite_logprob(lp.logprob),
         "bytes": list(lp.token.encode()),
-        "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for _, t, v in lp.top],
+        "top_logprobs": [{"token": t, "logprob": finite_logprob(v), "bytes": list(t.encode())} for _, t, v in lp.top],
     }
 
 
-def _response(routed: Routed, choices: list[Choice], want_logprobs: bool) -> dict[str, Any]:
+def _response(routed: Routed, choices: list[Choice], want_logprobs: bool, echo: str) -> dict[str, Any]:
     return {
         "id": routed.request_id,
         "object": "chat.completion",
@@ -171,7 +248,7 @@ def _response(routed: Routed, choices: list[Choice], want_logprobs: bool) -> dic
         "choices": [
             {
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.output},
+                "message": {"role": "assistant", "content": echo + c.output},
                 "logprobs": {"content": [_logprob_entry(lp) for lp in c.logprobs]} if want_logprobs else None,
                 "finish_reason": c.finish_reason,
             }
@@ -182,7 +259,7 @@ def _response(routed: Routed, choices: list[Choice], want_logprobs: bool) -> dic
 
 
 async def _chunks(
-    routed: Routed, fanout: Fanout, want_logprobs: bool, include_usage: bool
+    routed: Routed, fanout: Fanout, want_logprobs: bool, include_usage: bool, echo: str
 ) -> AsyncIterator[dict[str, Any]]:
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         body = {
@@ -198,7 +275,7 @@ async def _chunks(
         return {**body, **extra}
 
     for c in fanout.choices:
-        yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+        yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": echo}, "logprobs": None,
                       "finish_reason": None}])  # fmt: skip
     async for c, event in fanout.events():
         if not (event.text or event.logprobs or event.finish_reason):
@@ -220,7 +297,10 @@ class ChatGeneration(Generation):
 
     async def prepare(self, services: Services, family: Family) -> Prepared:
         body = self.body
-        prompt = await asyncio.to_thread(chat_prompt, services.tokenizer, body.messages)
+        prompt = await asyncio.to_thread(
+            chat_prompt, services.tokenizer, body.messages, add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message, template_kwargs=body.chat_template_kwargs,
+        )  # fmt: skip
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if requested == 0:
             raise BadRequest("max_tokens must be at least 1", param="max_tokens")
@@ -230,13 +310,14 @@ class ChatGeneration(Generation):
         if body.top_logprobs is not None and not body.logprobs:
             raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        return Prepared([prompt], max_tokens, body.sampling(max_tokens, logprobs))
+        sampling = body.sampling(max_tokens, logprobs, len(services.tokenizer))
+        return Prepared([prompt], predicted_tokens(services, requested, max_tokens), sampling)
 
     def response(self, routed: Routed, choices: list[Choice]) -> dict[str, Any]:
-        return _response(routed, choices, self.body.logprobs)
+        return _response(routed, choices, self.body.logprobs, echo_text(self.body))
 
     def chunks(self, routed: Routed, fanout: Fanout) -> AsyncIterator[dict[str, Any]]:
-        return _chunks(routed, fanout, self.body.logprobs, self.body.include_usage)
+        return _chunks(routed, fanout, self.body.logprobs, self.body.include_usage, echo_text(self.body))
 
 
 @router.post(

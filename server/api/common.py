@@ -3,13 +3,15 @@ of fields the server cannot honour, token limits, and routing a request to one s
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticUseDefault
 
 from boomerang_core.family import Family, FamilySize
 from server.engines.base import GenerationRequest, SamplingParams
@@ -19,18 +21,42 @@ from server.services import Services
 
 # Known OpenAI fields this server cannot honour: a 400 naming the field, never a silent ignore.
 UNSUPPORTED = {
-    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format", "logit_bias",
+    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
     "audio", "modalities", "prediction", "web_search_options", "reasoning_effort", "suffix", "best_of",
     "service_tier", "store", "metadata",
 }  # fmt: skip
 # Sent by some clients with a value that asks for nothing: accepted when the value is harmless.
 _HARMLESS: dict[str, tuple[Any, ...]] = {
     "response_format": ({"type": "text"},),
-    "logit_bias": ({},),
     "parallel_tool_calls": (True, False),
     "store": (False,),
     "metadata": ({},),
 }
+# vLLM reports a logprob it cannot represent (NaN, -inf) as this, so that JSON stays valid
+LOGPROB_FLOOR = -9999.0
+
+
+def _null_is_default(value: Any) -> Any:
+    if value is None:
+        raise PydanticUseDefault()
+    return value
+
+
+def finite_logprob(value: float) -> float:
+    """``value`` where JSON can carry it, else vLLM's stand-in (NaN and infinities are not JSON)."""
+    return value if math.isfinite(value) else LOGPROB_FLOOR
+
+
+# OpenAI makes these nullable: ``null`` means the default (what the openai client sends for "not given")
+NullableBool = Annotated[bool, BeforeValidator(_null_is_default, json_schema_input_type=bool | None)]
+NullableN = Annotated[
+    int, Field(ge=1), BeforeValidator(_null_is_default, json_schema_input_type=Annotated[int, Field(ge=1)] | None)
+]
+
+
+class PromptTokensDetails(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cached_tokens: int
 
 
 class Usage(BaseModel):
@@ -38,6 +64,7 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 FinishReason = Literal["stop", "length"]
@@ -81,7 +108,8 @@ class StreamOptions(BaseModel):
 
 
 class GenerationFields(BaseModel):
-    """OpenAI fields both endpoints take, plus ``size``, ``max_latency_ms``, ``max_memory_gb``."""
+    """OpenAI fields both endpoints take, vLLM's sampling extras, plus ``size``, ``max_latency_ms``,
+    ``max_memory_gb``."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -90,18 +118,37 @@ class GenerationFields(BaseModel):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None
-    n: Annotated[int, Field(ge=1)] = 1
+    n: NullableN = 1
     stop: str | list[str] | None = None
     seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None  # int64, as OpenAI's
-    stream: bool = False
+    stream: NullableBool = False
     stream_options: StreamOptions | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        default=None, description="token id (as a string) -> bias added to its logit, -100 to 100"
+    )
     user: str | None = None
     size: str | float | None = Field(default=None, description="auto, a tier, a size name, a label or a fraction")
     max_latency_ms: Annotated[float, Field(gt=0)] | None = None
     max_memory_gb: Annotated[float, Field(gt=0)] | None = None
-    ignore_eos: bool = Field(default=False, description="keep generating past EOS (vLLM's extra field; benchmarks)")
+    # vLLM's extra sampling fields
+    ignore_eos: NullableBool = Field(default=False, description="keep generating past EOS (benchmarks)")
+    repetition_penalty: Annotated[float, Field(gt=0, le=2**31)] | None = Field(
+        default=None, description="divides a positive logit (multiplies a negative one) of every token already in "
+        "the prompt or the output; 1 is off",
+    )  # fmt: skip
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None, description="drop tokens less likely than min_p x the most likely one"
+    )
+    min_tokens: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="EOS and stop_token_ids cannot end the output before this many tokens"
+    )
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None, description="token ids that end the output, besides EOS"
+    )
+    include_stop_str_in_output: NullableBool = Field(default=False, description="the stop string ends the text")
+    skip_special_tokens: NullableBool = Field(default=True, description="leave special tokens out of the output text")
 
     def reject_unsupported(self) -> None:
         for name, value in (self.model_extra or {}).items():
@@ -114,25 +161,55 @@ class GenerationFields(BaseModel):
             raise BadRequest("stream_options is only allowed when stream is true", param="stream_options")
         if isinstance(self.stop, list) and len(self.stop) > 16:
             raise BadRequest("at most 16 stop strings", param="stop")
+        for i, text in enumerate(self.stop_strings):
+            check_text(text, "stop" if isinstance(self.stop, str) else f"stop[{i}]")
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def token_bias(self, vocab: int) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as (token id, bias); a key that is not a token id of this model is a 400."""
+        out = []
+        for key, bias in (self.logit_bias or {}).items():
+            token = int(key) if key.strip().lstrip("-").isdigit() else None
+            if token is None or not 0 <= token < vocab:
+                raise BadRequest(f"logit_bias key '{key}' is not a token id in 0..{vocab - 1}", param="logit_bias")
+            out.append((token, bias))
+        return tuple(out)
+
+    def sampling(
+        self, max_tokens: int, logprobs: int | None, vocab: int, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
+        bad = [t for t in self.stop_token_ids or () if t >= vocab]
+        if bad:
+            raise BadRequest(f"stop_token_ids has {bad[0]}, not a token id in 0..{vocab - 1}", param="stop_token_ids")
+        if (self.min_tokens or 0) > max_tokens:
+            raise BadRequest(f"min_tokens is {self.min_tokens}, more than max_tokens ({max_tokens})",
+                             param="min_tokens")  # fmt: skip
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=_effective_temperature(self.temperature),
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=max(0, self.top_k or 0),
             seed=self.seed,
-            stop=tuple(s for s in stop if s),
+            stop=tuple(s for s in self.stop_strings if s),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             ignore_eos=self.ignore_eos,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            min_p=self.min_p or 0.0,
+            min_tokens=self.min_tokens or 0,
+            logit_bias=self.token_bias(vocab),
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
         )
 
 
@@ -183,10 +260,11 @@ def context_length(family: Family) -> int:
 
 
 def check_tokens(
-    services: Services, family: Family, prompts: Sequence[Sequence[int]], max_tokens: int | None, default: int,
+    services: Services, family: Family, prompts: Sequence[Sequence[int]], max_tokens: int | None, default: int | None,
     prompt_param: str,
 ) -> int:  # fmt: skip
-    """Validate prompt lengths against the limits; return the max_tokens to use."""
+    """Validate prompt lengths against the limits; return the max_tokens to use: the request's, or
+    ``default``, or (None) the rest of the context, capped by ``limits.max_tokens``."""
     limits = services.config.limits
     context = context_length(family)
     prompt_limit = min(limits.max_prompt_tokens or context, context)
@@ -198,21 +276,34 @@ def check_tokens(
             f"the prompt has {longest} tokens, more than the limit of {prompt_limit}", param=prompt_param,
             code="context_length_exceeded",
         )  # fmt: skip
-    if max_tokens is not None and max_tokens > limits.max_tokens:
+    if max_tokens is not None and limits.max_tokens is not None and max_tokens > limits.max_tokens:
         raise BadRequest(f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens}",
                          param="max_tokens")  # fmt: skip
     room = context - longest
     if max_tokens is None:
-        max_tokens = min(default, limits.max_tokens, room)
+        max_tokens = min(default or room, limits.max_tokens or room, room)
         if max_tokens < 1:
             raise BadRequest(f"the prompt fills the context of {context} tokens", param=prompt_param,
                              code="context_length_exceeded")  # fmt: skip
     elif max_tokens > room:
         raise BadRequest(
-            f"this model's maximum context length is {context} tokens: the prompt has {longest} and "
-            f"max_tokens asks for {max_tokens}", param="max_tokens", code="context_length_exceeded",
+            f"this model's maximum context length is {context} tokens: the prompt has {longest}, so "
+            f"max_tokens can be at most {room}, not {max_tokens}", param="max_tokens", code="context_length_exceeded",
         )  # fmt: skip
     return max_tokens
+
+
+def predicted_tokens(services: Services, requested: int | None, max_tokens: int) -> int:
+    """The tokens the router predicts a request at: its own ``max_tokens``, or when it set none (and
+    may run to the end of the context) ``routing.typical_tokens``."""
+    return max_tokens if requested is not None else min(max_tokens, services.config.routing.typical_tokens)
+
+
+def choice_limit(services: Services) -> int:
+    """The most choices (n x prompts) one request may start: ``limits.max_n``, or what the local engine
+    holds at once (every choice is admitted before the reply starts)."""
+    local = services.config.engines.local
+    return services.config.limits.max_n or local.max_batch_size + local.max_queue
 
 
 def route(
@@ -220,8 +311,9 @@ def route(
     max_tokens: int, prefix: str,
 ) -> Routed:  # fmt: skip
     """Bind the request to the size the router chooses."""
-    if body.n * len(prompts) > services.config.limits.max_n:
-        raise BadRequest(f"n x prompts is {body.n * len(prompts)}; at most {services.config.limits.max_n}", param="n")
+    limit = choice_limit(services)
+    if body.n * len(prompts) > limit:
+        raise BadRequest(f"n x prompts is {body.n * len(prompts)}; at most {limit}", param="n")
     size_text = router.size_text(body.model, None if body.size is None else str(body.size))
     decision = router.choose(
         RouteRequest(
@@ -243,9 +335,11 @@ def route(
     )
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; ``cached_tokens``: prompt tokens whose K/V was reused (none here yet)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }

@@ -18,10 +18,13 @@ from boomerang_core.family import Family
 from server.api.common import (
     FinishReason,
     GenerationFields,
+    NullableBool,
     Routed,
     Usage,
     check_text,
     check_tokens,
+    finite_logprob,
+    predicted_tokens,
     sse_content,
     usage,
 )
@@ -40,7 +43,7 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
 class CompletionRequest(GenerationFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
+    echo: NullableBool = False
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
 
@@ -132,12 +135,12 @@ class LogprobsWriter:
         for lp in entries:
             token = lp.token if lp is not None else (first_token or "")
             tokens.append(token)
-            lps.append(None if lp is None else lp.logprob)
+            lps.append(None if lp is None else finite_logprob(lp.logprob))
             if lp is None:
                 tops.append(None)
             else:
-                top = {t: v for _, t, v in lp.top}
-                top.setdefault(lp.token, lp.logprob)
+                top = {t: finite_logprob(v) for _, t, v in lp.top}
+                top.setdefault(lp.token, finite_logprob(lp.logprob))
                 tops.append(top)
             offsets.append(self.offset)
             self.offset += len(token)
@@ -239,7 +242,8 @@ class CompletionGeneration(Generation):
         requested = None if body.max_tokens is None else max(body.max_tokens, 1)
         max_tokens = check_tokens(services, family, ids, requested, DEFAULT_MAX_TOKENS, "prompt")
         prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
-        return Prepared(ids, max_tokens, body.sampling(max_tokens, body.logprobs, prompt_logprobs))
+        sampling = body.sampling(max_tokens, body.logprobs, len(services.tokenizer), prompt_logprobs)
+        return Prepared(ids, predicted_tokens(services, requested, max_tokens), sampling)
 
     def response(self, routed: Routed, choices: list[Choice]) -> dict[str, Any]:
         return Formatter(routed, self.body, self.prompts, self.tokenizer).response(choices)

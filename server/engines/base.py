@@ -26,6 +26,13 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; 0: the chosen token's; N: also the top N
     prompt_logprobs: int | None = None  # for completions `echo` (same meaning as logprobs)
     ignore_eos: bool = False
+    # vLLM's extras: a seen token's logit (prompt or output) divided by this when positive, multiplied when negative
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0  # tokens below min_p x the best token's probability are dropped (after temperature)
+    min_tokens: int = 0  # EOS and stop_token_ids cannot end the output before this many tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    include_stop_str_in_output: bool = False  # the stop string or stop token's text ends the output
+    skip_special_tokens: bool = True  # in the output text
 
 
 @dataclass(frozen=True)

@@ -21,15 +21,16 @@ class IncrementalDetokenizer:
     ``prefix .. read`` gives the new text with the context the tokenizer needs for spaces and merges.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self.prefix = 0
         self.read = 0
         self._released = ""  # decode(ids[prefix:read]), cached
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=self.skip_special_tokens))
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text that became final with it (often '' mid-character)."""
@@ -52,22 +53,25 @@ class IncrementalDetokenizer:
 
 
 class StopStrings:
-    """Holds back text that may begin a stop string; reports the first stop string completed."""
+    """Holds back text that may begin a stop string; reports the first stop string completed.
+    ``include``: the stop string ends the released text (vLLM's ``include_stop_str_in_output``)."""
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], include: bool = False) -> None:
         self.stops = tuple(s for s in stops if s)
+        self.include = include
         self.held = ""
 
     def push(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to release, whether a stop string was reached). The stop string itself
-        and anything after it are never released."""
+        """Returns (text safe to release, whether a stop string was reached). Anything after the
+        first stop string is never released, nor the stop string itself unless ``include``."""
         if not self.stops:
             return text, False
         buffer = self.held + text
-        hits = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, len(s)) for s in self.stops if (i := buffer.find(s)) >= 0]
         if hits:
             self.held = ""
-            return buffer[: min(hits)], True
+            start, length = min(hits)
+            return buffer[: start + (length if self.include else 0)], True
         keep = 0
         for s in self.stops:
             for n in range(min(len(s) - 1, len(buffer)), keep, -1):

@@ -9,7 +9,7 @@ before penalties, temperature, top-k and top-p), as vLLM and OpenAI report them.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,24 +19,63 @@ from server.engines.base import SamplingParams, TokenLogprob
 
 
 class RequestSampler:
-    """Per-request sampling state: parameters, random stream, and counts of generated tokens
-    (OpenAI penalties count only the completion, not the prompt)."""
+    """Per-request sampling state: parameters, random stream, counts of generated tokens (OpenAI
+    penalties count only the completion), and for vLLM's extras the tokens seen in prompt and output
+    (``repetition_penalty``), the ids ``min_tokens`` holds back and the ``logit_bias``."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int) -> None:
+    def __init__(
+        self, params: SamplingParams, vocab_size: int, prompt: Sequence[int] = (), stop_ids: Iterable[int] = ()
+    ) -> None:
         self.params = params
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
         self.generator = torch.Generator().manual_seed(seed)
+        self.generated = 0
         self.counts: Tensor | None = None
         if params.presence_penalty or params.frequency_penalty:
             self.counts = torch.zeros(vocab_size, dtype=torch.float32)
+        self.seen: Tensor | None = None
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool)
+            self.seen[[t for t in prompt if 0 <= t < vocab_size]] = True
+        self.held_back = [t for t in stop_ids if 0 <= t < vocab_size] if params.min_tokens > 0 else []
+        self.bias: tuple[Tensor, Tensor] | None = None
+        if params.logit_bias:
+            ids, values = zip(*((t, b) for t, b in params.logit_bias if 0 <= t < vocab_size), strict=True)
+            self.bias = torch.tensor(ids, dtype=torch.long), torch.tensor(values, dtype=torch.float32)
 
     @property
     def greedy(self) -> bool:
         return self.params.temperature <= 0.0
 
+    @property
+    def adjusts(self) -> bool:
+        """Whether this request changes its logits before the choice."""
+        return (
+            self.counts is not None
+            or self.seen is not None
+            or self.bias is not None
+            or (bool(self.held_back) and self.generated < self.params.min_tokens)
+        )
+
+    def adjust(self, logits: Tensor) -> None:
+        """In place, on one row (vocab,), in vLLM's order: logit bias, ``min_tokens``, then penalties."""
+        p = self.params
+        if self.bias is not None:
+            logits[self.bias[0]] += self.bias[1]
+        if self.held_back and self.generated < p.min_tokens:
+            logits[self.held_back] = float("-inf")
+        if self.seen is not None:
+            penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+            logits[self.seen] = penalised[self.seen]
+        if self.counts is not None:
+            logits -= p.frequency_penalty * self.counts + p.presence_penalty * (self.counts > 0).float()
+
     def observe(self, token_id: int) -> None:
+        self.generated += 1
         if self.counts is not None and 0 <= token_id < self.counts.numel():
             self.counts[token_id] += 1
+        if self.seen is not None and 0 <= token_id < self.seen.numel():
+            self.seen[token_id] = True
 
 
 @dataclass(frozen=True)
@@ -50,14 +89,11 @@ def sample(logits: Tensor, samplers: Sequence[RequestSampler], token_text: Calla
     logits = logits.float().cpu()
     raw = logits
     want_logprobs = any(s.params.logprobs is not None for s in samplers)
-    penalised = [i for i, s in enumerate(samplers) if s.counts is not None]
-    if penalised:
+    adjusted = [i for i, s in enumerate(samplers) if s.adjusts]
+    if adjusted:
         logits = logits.clone()
-        for i in penalised:
-            counts = samplers[i].counts
-            assert counts is not None
-            p = samplers[i].params
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        for i in adjusted:
+            samplers[i].adjust(logits[i])
     chosen = logits.argmax(dim=-1)
     sampled = [i for i, s in enumerate(samplers) if not s.greedy]
     if sampled:
@@ -76,9 +112,13 @@ def sample(logits: Tensor, samplers: Sequence[RequestSampler], token_text: Calla
 
 
 def _sample_rows(logits: Tensor, samplers: Sequence[RequestSampler]) -> Tensor:
-    """Temperature, then top-k, then top-p, then one draw per row from that row's generator."""
+    """Temperature, then min-p, top-k and top-p, then one draw per row from that row's generator."""
     temps = torch.tensor([s.params.temperature for s in samplers], dtype=torch.float32)[:, None]
     scaled = logits / temps
+    min_p = torch.tensor([s.params.min_p for s in samplers], dtype=torch.float32)[:, None]
+    if bool((min_p > 0).any()):  # vLLM: below min_p x the best token's probability is out
+        probs = torch.softmax(scaled, dim=-1)
+        scaled = scaled.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
     top_k = [s.params.top_k for s in samplers]
     top_p = [s.params.top_p for s in samplers]
     vocab = scaled.shape[-1]

@@ -323,6 +323,12 @@ def vllm_sampling(p: SamplingParams) -> Any:
         logprobs=p.logprobs,
         prompt_logprobs=p.prompt_logprobs,
         ignore_eos=p.ignore_eos,
+        repetition_penalty=p.repetition_penalty,
+        min_p=p.min_p,
+        min_tokens=p.min_tokens,
+        logit_bias=dict(p.logit_bias) or None,
+        include_stop_str_in_output=p.include_stop_str_in_output,
+        skip_special_tokens=p.skip_special_tokens,
         output_kind=RequestOutputKind.DELTA,
     )
 
