@@ -8,9 +8,14 @@ vLLM would repack every linear weight into a private oneDNN copy and empty the o
 layers are marked ``_cpu_skip_gemm_dispatch`` and the embedding / LM head keep plain
 ``F.linear``, so every engine reads the store's bytes.
 
-The store reaches the loader through :func:`offer`, a handoff keyed by a token that the engine
-passes in ``model_loader_extra_config``; the loader takes it once. On CUDA the same loader binds
-CUDA tensors of an in-process store (unverified here: no GPU).
+The store reaches the loader in one of two ways, named by ``model_loader_extra_config``:
+
+- ``{"token": ...}``: in this process, through :func:`offer` (a handoff the engine takes once);
+- ``{"manifest": path, "plan": SizePlan.to_dict()}``: in a worker process, from the gateway's
+  shared store (:mod:`boomerang_core.shared_store`): the file's pages on CPU, the owner's CUDA
+  allocation through its IPC handle on CUDA (the local device index is checked against the
+  owner's GPU). The mapping is reported through ``get_external_weight_memory``, so vLLM's CUDA
+  free-memory check counts the shared weights once (as its own ``ipc_cache`` loader does).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import functools
 import re
 import threading
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +32,9 @@ import torch
 from torch import nn
 
 from boomerang_core.errors import UnsupportedArchitecture
-from boomerang_core.fused import fuse_store, fused_tensor
+from boomerang_core.fused import fuse_store
 from boomerang_core.plan import SizePlan
+from boomerang_core.shared_store import manifest_bytes, map_shared, store_tensors
 from boomerang_core.store import LayerStore
 
 LOAD_FORMAT = "boomerang_store"
@@ -37,7 +44,9 @@ _SUPPORTED_ADAPTERS = ("llama-family",)
 
 @dataclass(frozen=True)
 class StoreOffer:
-    store: LayerStore
+    """One size's plan over the store's tensors by key (:func:`~boomerang_core.shared_store.store_tensors`)."""
+
+    tensors: Mapping[str, torch.Tensor]
     plan: SizePlan
 
 
@@ -54,7 +63,7 @@ def offer(store: LayerStore, plan: SizePlan) -> str:
     fuse_store(store)
     token = uuid.uuid4().hex
     with _offers_lock:
-        _offers[token] = StoreOffer(store, plan)
+        _offers[token] = StoreOffer(store_tensors(store), plan)
     return token
 
 
@@ -71,34 +80,38 @@ def _take(token: str) -> StoreOffer:
     return found
 
 
-def store_tensor(name: str, offer: StoreOffer) -> torch.Tensor:
-    """The store tensor behind vLLM parameter ``name`` (vLLM's Llama-family naming)."""
-    store, plan = offer.store, offer.plan
+def store_key(name: str, plan: SizePlan) -> str:
+    """The store key of vLLM parameter ``name`` (vLLM's Llama-family naming) in ``plan``."""
     if name == "model.embed_tokens.weight":
-        return _param(store.embeds[plan.embed], "weight")
+        return f"{plan.embed}.embed.weight"
     if name == "model.norm.weight":
-        return _param(store.norms[plan.norm], "weight")
+        return f"{plan.norm}.norm.weight"
     if name == "lm_head.weight":
-        return _param(store.heads[plan.head], "weight")
+        return f"{plan.head}.head.weight"
     match = _LAYER_NAME.match(name)
     if match is None:
         raise KeyError(f"vLLM parameter {name!r} has no counterpart in the store")
-    depth, rest = int(match.group(1)), match.group(2)
-    layer = store.layer(plan.layers[depth])
-    sub_name, _, leaf = rest.rpartition(".")  # "self_attn.qkv_proj", "weight"
-    parent_name, _, fused_name = sub_name.rpartition(".")
-    if parent_name:
-        fused = fused_tensor(layer.get_submodule(parent_name), f"{fused_name}.{leaf}")
-        if fused is not None:
-            return fused
-    return _param(layer.get_submodule(sub_name), leaf)
+    ref = plan.layers[int(match.group(1))]
+    return f"{ref.source}.layers.{ref.index}.{match.group(2)}"  # e.g. ...self_attn.qkv_proj.weight
 
 
-def _param(module: nn.Module, leaf: str) -> torch.Tensor:
-    value = getattr(module, leaf, None)
-    if not isinstance(value, torch.Tensor):
-        raise KeyError(f"{type(module).__name__} has no tensor {leaf!r}")
-    return value
+def store_tensor(name: str, offer: StoreOffer) -> torch.Tensor:
+    """The store tensor behind vLLM parameter ``name``."""
+    key = store_key(name, offer.plan)
+    if key not in offer.tensors:
+        raise KeyError(f"vLLM parameter {name!r}: the store has no tensor {key!r}")
+    return offer.tensors[key]
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Same device type AND index (an unset CUDA index means the current device)."""
+    if a.type != b.type:
+        return False
+    return a.type != "cuda" or _cuda_index(a) == _cuda_index(b)
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def bind_model(model: nn.Module, found: StoreOffer) -> dict[str, int]:
@@ -118,8 +131,10 @@ def bind_model(model: nn.Module, found: StoreOffer) -> dict[str, int]:
                 continue
             name = f"{module_name}.{leaf}" if module_name else leaf
             source = store_tensor(name, found).detach()
-            if source.dtype != param.dtype or source.device.type != param.device.type:
-                raise TypeError(f"{name}: store holds {source.dtype} on {source.device}, vLLM wants {param.dtype}")
+            if source.dtype != param.dtype or not same_device(source.device, param.device):
+                raise TypeError(
+                    f"{name}: store holds {source.dtype} on {source.device}, vLLM wants {param.dtype} on {param.device}"
+                )
             if source.shape == param.shape:
                 view = source
                 shared += source.nbytes
@@ -164,21 +179,62 @@ def _plain_embedding_method_class() -> type:
     return PlainEmbeddingMethod
 
 
+@functools.cache
+def _mapped(manifest: str, device_index: int | None) -> Mapping[str, torch.Tensor]:
+    """The shared store of ``manifest``, mapped once per process (every engine of it binds views)."""
+    return map_shared(manifest, device_index)
+
+
+def external_weight_bytes(extra: Mapping[str, Any]) -> int:
+    """Bytes of weights this loader binds that live outside the engine's allocations: the whole
+    shared mapping (a manifest) or the offered store's storages (a token), each counted once."""
+    if isinstance(extra.get("manifest"), str):
+        return manifest_bytes(extra["manifest"])
+    token = extra.get("token")
+    if isinstance(token, str):
+        with _offers_lock:
+            found = _offers.get(token)
+        if found is not None:
+            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in found.tensors.values()}
+            return sum(storages.values())
+    return 0
+
+
+def offer_from_config(extra: Mapping[str, Any], device: torch.device) -> StoreOffer:
+    """The store offer ``model_loader_extra_config`` names, for a model on ``device``."""
+    manifest = extra.get("manifest")
+    if isinstance(manifest, str):
+        plan = extra.get("plan")
+        if not isinstance(plan, dict):
+            raise RuntimeError(
+                f"load_format={LOAD_FORMAT!r} with a manifest needs the size's 'plan' (SizePlan.to_dict)"
+            )
+        return StoreOffer(_mapped(manifest, device.index if device.type == "cuda" else None), SizePlan.from_dict(plan))
+    token = extra.get("token")
+    if isinstance(token, str):
+        return _take(token)
+    raise RuntimeError(
+        f"load_format={LOAD_FORMAT!r} needs model_loader_extra_config "
+        "{'token': ...} or {'manifest': ..., 'plan': ...}"
+    )
+
+
 def _loader_class() -> type:
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
     class BoomerangStoreLoader(BaseModelLoader):  # type: ignore[misc]
-        """Binds the offered store's tensors; ``model_loader_extra_config = {"token": ...}``."""
+        """Binds the store's tensors named by ``model_loader_extra_config`` (see the module docstring)."""
+
+        def get_external_weight_memory(self, vllm_config: Any) -> int:
+            return external_weight_bytes(self.load_config.model_loader_extra_config or {})
 
         def download_model(self, model_config: Any) -> None:
-            return None  # nothing to download: the weights are in this process
+            return None  # nothing to download: the weights are in the store
 
         def load_weights(self, model: nn.Module, model_config: Any) -> None:
             extra = self.load_config.model_loader_extra_config or {}
-            token = extra.get("token")
-            if not isinstance(token, str):
-                raise RuntimeError(f"load_format={LOAD_FORMAT!r} needs model_loader_extra_config={{'token': ...}}")
-            stats = bind_model(model, _take(token))
+            device = next(model.parameters()).device
+            stats = bind_model(model, offer_from_config(extra, device))
             model.boomerang_bound_bytes = stats  # type: ignore[assignment]
 
     return BoomerangStoreLoader
