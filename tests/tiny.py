@@ -4,12 +4,14 @@ template, written as real HF directories (teacher/, student/ with student_config
 
 from __future__ import annotations
 
+import copy
 import functools
 import pydoc_data.topics
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     GPTNeoXConfig,
@@ -23,7 +25,9 @@ from transformers import (
 )
 
 from boomerang_core.alignment import StudentSpec
+from boomerang_core.arch import adapter_for
 from boomerang_core.distill import prune_student
+from boomerang_core.plan import SizePlan
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -137,3 +141,36 @@ def training_blocks(seq_len: int = 32, max_blocks: int = 8) -> torch.Tensor:
 
     texts = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[:20]]
     return token_blocks(tiny_tokenizer(), texts, seq_len, max_blocks=max_blocks)
+
+
+def make_pair(arch: str, layers: int = 6) -> tuple[PreTrainedModel, PreTrainedModel, StudentSpec]:
+    teacher = tiny_teacher(arch, layers)
+    spec = StudentSpec.from_pruning(layers)
+    return teacher, prune_copy(teacher, spec), spec
+
+
+def copied_model(plan: SizePlan, teacher: PreTrainedModel, student: PreTrainedModel) -> PreTrainedModel:
+    """The paper code's way: deep copies of the layers, layer_idx rewritten, layer count fixed."""
+    adapter = adapter_for(teacher.config)
+    models = {"teacher": teacher, "student": student}
+    model = copy.deepcopy(teacher)
+    layers = nn.ModuleList()
+    for depth, ref in enumerate(plan.layers):
+        layer = copy.deepcopy(adapter.get_layers(models[ref.source])[ref.index])
+        for m in layer.modules():
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = depth
+        layers.append(layer)
+    adapter.set_parts(
+        model,
+        embed=copy.deepcopy(adapter.get_embed(models[plan.embed])),
+        layers=layers,
+        norm=copy.deepcopy(adapter.get_norm(models[plan.norm])),
+        head=copy.deepcopy(adapter.get_head(models[plan.head])),
+        rotary=None,
+    )
+    model.config.num_hidden_layers = len(layers)
+    if getattr(model.config, "layer_types", None) is not None:
+        types = {"teacher": teacher.config.layer_types, "student": student.config.layer_types}
+        model.config.layer_types = [types[r.source][r.index] for r in plan.layers]
+    return model.eval()

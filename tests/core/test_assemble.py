@@ -8,50 +8,15 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers import AutoModelForCausalLM, DynamicCache
 
-from boomerang_core.alignment import StudentSpec
-from boomerang_core.arch import adapter_for
 from boomerang_core.assemble import build, export
 from boomerang_core.family import Family
-from boomerang_core.plan import SizePlan, enumerate_plans, patch_order, plan_for_patched, teacher_plan
+from boomerang_core.plan import enumerate_plans, patch_order, plan_for_patched, teacher_plan
 from boomerang_core.store import LayerStore, unique_storage_bytes
-from tests.tiny import prune_copy, tiny_teacher
+from tests.tiny import copied_model, make_pair
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gpt_neox"]
-
-
-def make_pair(arch: str, layers: int = 6) -> tuple[PreTrainedModel, PreTrainedModel, StudentSpec]:
-    teacher = tiny_teacher(arch, layers)
-    spec = StudentSpec.from_pruning(layers)
-    return teacher, prune_copy(teacher, spec), spec
-
-
-def copied_model(plan: SizePlan, teacher: PreTrainedModel, student: PreTrainedModel) -> PreTrainedModel:
-    """The paper code's way: deep copies of the layers, layer_idx rewritten, layer count fixed."""
-    adapter = adapter_for(teacher.config)
-    models = {"teacher": teacher, "student": student}
-    model = copy.deepcopy(teacher)
-    layers = nn.ModuleList()
-    for depth, ref in enumerate(plan.layers):
-        layer = copy.deepcopy(adapter.get_layers(models[ref.source])[ref.index])
-        for m in layer.modules():
-            if hasattr(m, "layer_idx"):
-                m.layer_idx = depth
-        layers.append(layer)
-    adapter.set_parts(
-        model,
-        embed=copy.deepcopy(adapter.get_embed(models[plan.embed])),
-        layers=layers,
-        norm=copy.deepcopy(adapter.get_norm(models[plan.norm])),
-        head=copy.deepcopy(adapter.get_head(models[plan.head])),
-        rotary=None,
-    )
-    model.config.num_hidden_layers = len(layers)
-    if getattr(model.config, "layer_types", None) is not None:
-        types = {"teacher": teacher.config.layer_types, "student": student.config.layer_types}
-        model.config.layer_types = [types[r.source][r.index] for r in plan.layers]
-    return model.eval()
 
 
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,7 @@ from boomerang_core.assemble import build
 from boomerang_core.fused import fuse_store, fused_tensor, is_fused
 from boomerang_core.plan import enumerate_plans, patch_order
 from boomerang_core.store import LayerStore
-from tests.core.test_assemble import make_pair
-from tests.tiny import tiny_tokenizer
+from tests.tiny import make_pair, tiny_tokenizer
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])

@@ -20,8 +20,7 @@ from boomerang_core.plan import SizePlan, plan_for_patched, teacher_plan
 from boomerang_core.quality.scoring import perplexity, score_plans, teacher_pass
 from boomerang_core.quality.search import Path, front_family, k_best_paths, path_plan, search
 from boomerang_core.store import LayerStore
-from tests.core.test_assemble import copied_model
-from tests.tiny import prune_copy, tiny_teacher
+from tests.tiny import copied_model, prune_copy, tiny_teacher
 
 LAYERS = 6
 
