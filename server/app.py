@@ -18,6 +18,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.middleware.cors import CORSMiddleware
 
 from server.api import chat, completions, health, models, tokenize
+from server.api.forward import Forwarder
 from server.api.guards import DrainGuard, RequestGuard
 from server.api.request_id import RequestIdHeader
 from server.config import DeployConfig
@@ -59,6 +60,7 @@ def create_app(
     for module in (chat, completions, tokenize, models, health):
         app.include_router(module.router)
     app.openapi = functools.partial(openapi_schema, app, keyed=settings.auth.resolved_key() is not None)  # type: ignore[method-assign]
+    app.add_middleware(Forwarder, services=services)  # inside the guards: requests it forwards are checked first
     app.add_middleware(RequestGuard, config=settings, metrics=services.metrics)
     if settings.server.cors_allow_origins:  # outside the guard: preflights carry no key, and 401s get CORS headers
         app.add_middleware(

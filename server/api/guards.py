@@ -142,7 +142,7 @@ class RequestGuard:
             if too_large:
                 error = BodyTooLarge(f"the request body is larger than the limit of {self.max_body} bytes")
             else:
-                receive = _replay(body, receive)
+                receive = replay(body, receive)
         if error is not None:
             self.metrics.finished(None, "guard", getattr(error, "status", 400))
             await error_response(error)(scope, receive, send)
@@ -183,14 +183,15 @@ def _digest(key: bytes) -> bytes:
 _DOC_PATHS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay(body: bytes, receive: Receive) -> Receive:
+    """``receive`` that hands the app ``body``, already read, and then what the client sends next."""
     sent = False
 
-    async def replay() -> Message:
+    async def replayed() -> Message:
         nonlocal sent
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
         return await receive()
 
-    return replay
+    return replayed

@@ -6,11 +6,17 @@ prompts and sampling (:meth:`Generation.prepare`), choose a size, start the choi
 then answer with the whole reply or a stream, and count the request in the metrics exactly once
 (its status, and its size once routed). An endpoint supplies only what differs: its prompts and
 the shape of its bodies and chunks.
+
+Where some size is served by OpenAI-compatible workers, :class:`server.api.forward.Forwarder` has
+chosen the size before the request reaches the endpoint; a size it does not forward comes here with
+that decision (:data:`DECIDED` in the ASGI scope), so that the request is routed once.
 """
 
 from __future__ import annotations
 
 import abc
+import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +29,10 @@ from server.api.common import GenerationFields, Routed, route
 from server.api.fanout import Choice, Fanout, collect_reply, stream_response
 from server.engines.base import SamplingParams
 from server.errors import error_response
+from server.routing import Decision, Router
 from server.services import Services
+
+DECIDED = "boomerang.decision"  # ASGI scope key: the size the forwarder chose for a request it did not forward
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,11 @@ async def serve(request: Request, services: Services, generation: Generation) ->
         body.reject_unsupported()
         family, router = services.ready()
         prepared = await generation.prepare(services, family)
-        routed = route(services, family, router, body, prepared.prompts, prepared.max_tokens, generation.id_prefix)
+        decided: Decision | None = request.scope.get(DECIDED)
+        if decided is None:
+            routed = route(services, family, router, body, prepared.prompts, prepared.max_tokens, generation.id_prefix)
+        else:
+            routed = routed_as(services, family, router, decided, generation.id_prefix)
         size = routed.size.name
         engine = services.engine_for(routed.size)
         requests = routed.requests(prepared.prompts, prepared.sampling, body.n)
@@ -84,3 +97,15 @@ async def serve(request: Request, services: Services, generation: Generation) ->
     if choices is None:
         return Response(status_code=499)
     return JSONResponse(generation.response(routed, choices), headers=routed.headers())
+
+
+def routed_as(services: Services, family: Family, router: Router, decision: Decision, prefix: str) -> Routed:
+    """A request bound to the size ``decision`` chose, with a new id that starts with ``prefix``."""
+    return Routed(
+        family=family,
+        decision=decision,
+        served_as=services.served_name(decision.size),
+        request_id=f"{prefix}-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        router=router,
+    )

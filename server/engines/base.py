@@ -8,8 +8,10 @@ seeds and logprobs are the engine's job, so every backend honours them the same 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -134,3 +136,32 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def load(self, size: str) -> SizeLoad: ...
+
+
+@dataclass(frozen=True)
+class Forwarded:
+    """A worker's answer to a forwarded request: its status, its headers and its body as it comes
+    (SSE bytes for a stream, the JSON body otherwise). Reading ``body`` raises :class:`EngineError`
+    if the worker fails midway."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: AsyncIterator[bytes]
+
+
+class Forwarding(abc.ABC):
+    """An engine (or pool) whose sizes are served by OpenAI-compatible servers: the gateway forwards
+    the client's request to one of them instead of running it through :meth:`Engine.generate`."""
+
+    @abc.abstractmethod
+    def forwards(self, size: str) -> bool:
+        """True when requests for ``size`` are forwarded as the client sent them."""
+
+    @abc.abstractmethod
+    def forward(
+        self, size: str, endpoint: str, body: dict[str, Any], headers: Mapping[str, str]
+    ) -> AbstractAsyncContextManager[Forwarded]:
+        """POST ``body`` (the client's fields; ``model`` is set to the worker's name here) to ``endpoint``
+        (``/v1/chat/completions``, ``/v1/completions``) of a worker of ``size``; the answer is open while
+        the context is. Raises :class:`QueueFull` (the workers are busy) or :class:`EngineError` (none
+        answered) before any byte; a worker's answer to the request itself, a 4xx included, is returned."""

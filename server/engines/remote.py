@@ -1,11 +1,14 @@
 """``engine: remote``: a size served by an OpenAI-compatible worker at a URL.
 
 The worker is another boomerang process serving one size, or a vLLM server; in a cluster, a
-Kubernetes Service in front of its replicas. Requests go to ``/v1/completions`` with the prompt as
-token ids, streamed back as SSE and turned into :class:`TokenEvent`. The worker's errors keep their
-message: HTTP 429 becomes :class:`QueueFull`, a 400 (the worker's own limits) :class:`RequestRejected`
-with its param and code, every other failure :class:`EngineError`. ``/health`` is polled so that a
-dead worker shows as an unhealthy engine instead of failing requests one by one.
+Kubernetes Service in front of its replicas. The gateway forwards a client's request as it was sent
+(:meth:`RemoteEngine.forward`, the :class:`Forwarding` contract): the worker's model name is set and
+the worker's answer, a 4xx included, is handed back as it comes. :meth:`RemoteEngine.generate` (the
+:class:`Engine` contract) sends ``/v1/completions`` with the prompt as token ids and turns the SSE
+stream into :class:`TokenEvent`. On either path HTTP 429 becomes :class:`QueueFull` and a worker that
+cannot be reached or fails :class:`EngineError`; on ``generate``, a 400 (the worker's own limits) is
+:class:`RequestRejected` with its param and code. ``/health`` is polled so that a dead worker shows as
+an unhealthy engine instead of failing requests one by one.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
@@ -22,6 +25,8 @@ import httpx
 from server.engines.base import (
     Engine,
     EngineError,
+    Forwarded,
+    Forwarding,
     GenerationRequest,
     QueueFull,
     RequestRejected,
@@ -33,7 +38,7 @@ from server.engines.base import (
 log = logging.getLogger(__name__)
 
 
-class RemoteEngine(Engine):
+class RemoteEngine(Engine, Forwarding):
     """One size at ``url``. ``start_timeout_s``: how long :meth:`start` waits for a healthy worker;
     ``health_interval_s``: seconds between health checks; ``timeout_s``: per-read timeout of a stream."""
 
@@ -165,9 +170,46 @@ class RemoteEngine(Engine):
                 async for event in self._events(response, len(request.prompt_ids)):
                     yield event
         except httpx.HTTPError as exc:
-            raise EngineError(f"the worker for size {self.size} at {self.url} failed: {type(exc).__name__}") from exc
+            raise self._failed(exc) from exc
         finally:
             self._in_flight -= 1
+
+    def forwards(self, size: str) -> bool:
+        return size == self.size
+
+    @contextlib.asynccontextmanager
+    async def forward(
+        self, size: str, endpoint: str, body: dict[str, Any], headers: Mapping[str, str]
+    ) -> AsyncIterator[Forwarded]:
+        if not self._healthy:
+            raise EngineError(f"the worker for size {self.size} at {self.url} is not healthy: {self._last_error}")
+        request = self._client.build_request("POST", endpoint, json={**body, "model": self._model}, headers=headers)
+        self._in_flight += 1
+        try:
+            try:
+                response = await self._client.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                raise self._failed(exc) from exc
+            try:
+                if response.status_code in _WORKER_FAULTS or response.status_code >= 500:
+                    await response.aread()
+                    raise _http_error(response)
+                media = response.headers.get("content-type", "application/json")
+                yield Forwarded(response.status_code, {"content-type": media}, self._bytes(response))
+            finally:
+                await response.aclose()
+        finally:
+            self._in_flight -= 1
+
+    async def _bytes(self, response: httpx.Response) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in response.aiter_bytes():
+                yield chunk
+        except httpx.HTTPError as exc:
+            raise self._failed(exc) from exc
+
+    def _failed(self, exc: httpx.HTTPError) -> EngineError:
+        return EngineError(f"the worker for size {self.size} at {self.url} failed: {type(exc).__name__}")
 
     async def _events(self, response: httpx.Response, prompt_tokens: int) -> AsyncIterator[TokenEvent]:
         finish: str | None = None
@@ -192,6 +234,11 @@ class RemoteEngine(Engine):
         if finish is None:
             raise EngineError(f"the worker for size {self.size} ended the stream without finishing")
         yield TokenEvent(finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=completion)
+
+
+# Answers that are the worker's or the deployment's fault, not the request's: never handed to the client
+# as they are (a key the gateway holds for the worker, a busy worker; and every 5xx).
+_WORKER_FAULTS = (401, 403, 429)
 
 
 def _logprobs(choice: dict[str, Any]) -> tuple[TokenLogprob, ...]:

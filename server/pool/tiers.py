@@ -6,8 +6,10 @@ passes the budget. When a size needs a replica and there is no room, the least r
 size gives one back (never below its ``min_replicas``), like Ollama's keep-alive. A scaler task adds
 replicas while a size's queue per replica passes the target (or its time to first token passes the
 SLO) and removes them after an idle timeout. A replica that fails is replaced; a request that got no
-token yet is retried on another replica, one that did ends with an error. Runs on the event loop;
-replicas do their blocking work on their own threads.
+token yet is retried on another replica, one that did ends with an error. A tier whose replicas are
+OpenAI servers (``forwards``) also takes requests as the client sent them (:meth:`TierPool.forward`),
+retried on another replica while the worker has answered nothing (unreachable, failed, or busy).
+Runs on the event loop; replicas do their blocking work on their own threads.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from server.engines.base import (
     Engine,
     EngineError,
+    Forwarded,
+    Forwarding,
     GenerationRequest,
     QueueFull,
     RequestRejected,
@@ -40,7 +45,9 @@ class PoolBudgetError(EngineError):
 
 @dataclass(frozen=True)
 class TierSpec:
-    """How the pool runs one size: ``make`` builds an unstarted replica that costs ``replica_bytes``."""
+    """How the pool runs one size: ``make`` builds an unstarted replica that costs ``replica_bytes``.
+    ``forwards``: the replicas are OpenAI servers (:class:`Forwarding`), and requests are forwarded to
+    them as the client sent them."""
 
     size: str
     kind: str
@@ -48,6 +55,7 @@ class TierSpec:
     replica_bytes: int
     min_replicas: int = 1
     max_replicas: int = 1
+    forwards: bool = False
 
 
 @dataclass(eq=False)
@@ -73,7 +81,7 @@ def _busy(replica: Engine, size: str) -> int:
     return load.running + load.waiting
 
 
-class TierPool(Engine):
+class TierPool(Engine, Forwarding):
     """Meets the :class:`Engine` contract for every size it holds; ``base_bytes`` is the store's
     resident bytes (counted once), ``budget_bytes`` the limit (``None``: none)."""
 
@@ -231,6 +239,51 @@ class TierPool(Engine):
                 self._replace_soon(tier, replica)
             finally:
                 tier.last_used = time.monotonic()
+
+    def forwards(self, size: str) -> bool:
+        tier = self._tiers.get(size)
+        return tier is not None and tier.spec.forwards
+
+    @contextlib.asynccontextmanager
+    async def forward(
+        self, size: str, endpoint: str, body: dict[str, Any], headers: Mapping[str, str]
+    ) -> AsyncIterator[Forwarded]:
+        """The answer of a replica of ``size``; one that cannot be reached, fails, or is busy before it
+        answers is passed over for another (a failed one is replaced, as in :meth:`generate`)."""
+        tier = self._tiers.get(size)
+        if tier is None or not tier.spec.forwards:
+            raise EngineError(f"the pool does not forward size {size}")
+        arrived = time.perf_counter()
+        for attempt in range(3):
+            replica = await self._acquire(tier)
+            assert isinstance(replica, Forwarding), f"a replica of {size} cannot forward"
+            try:
+                async with contextlib.AsyncExitStack() as stack:
+                    try:
+                        answer = await stack.enter_async_context(replica.forward(size, endpoint, body, headers))
+                    except QueueFull:
+                        if attempt == 2 or not any(r is not replica and r.healthy() for r in tier.replicas):
+                            raise
+                        continue
+                    except EngineError:
+                        if attempt == 2:
+                            raise
+                        log.warning("replica of %s failed before answering; retrying", size)
+                        self._replace_soon(tier, replica)
+                        continue
+                    yield Forwarded(answer.status, answer.headers, self._timed(tier, arrived, answer.body))
+                    return
+            finally:
+                tier.last_used = time.monotonic()
+
+    async def _timed(self, tier: _Tier, arrived: float, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """``body``, observing the time to its first bytes as the tier's time to first token."""
+        first = True
+        async for chunk in body:
+            if first:
+                first = False
+                self._observe_ttft(tier, time.perf_counter() - arrived)
+            yield chunk
 
     def _observe_ttft(self, tier: _Tier, seconds: float) -> None:
         tier.ttft_s = seconds if tier.ttft_s is None else 0.8 * tier.ttft_s + 0.2 * seconds

@@ -1,6 +1,10 @@
 """The remote engine against a real second boomerang server on loopback (in a subprocess): health,
 streamed greedy tokens equal to the in-memory build's, the worker's errors mapped, a worker that never
-becomes healthy, and the same worker behind a ``remote`` tier of the pool."""
+becomes healthy, the same worker behind a ``remote`` tier of the pool, and a gateway process that
+forwards requests for that tier to the worker as the client sent them.
+
+The worker serves its family under another name (``worker``) and takes shorter prompts than the
+gateway, so that the public name in the gateway's answers and the worker's own 400 are both visible."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import torch
 
@@ -21,20 +26,33 @@ from server.engines.factory import pool_engine
 from server.engines.remote import RemoteEngine
 from server.services import load_family
 from tests.server.deploys import TinyFamilyDirs, deploy_dict, write_deploy
-from tests.server.live import free_port, launch, serving
+from tests.server.live import KEY, Server, free_port, launch, serving
 
 pytestmark = pytest.mark.server
 PROMPT = (5, 6, 7, 8, 9, 10)
+WORKER_PROMPT_LIMIT = 16
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
 def worker(tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A boomerang server serving k3 alone: what a remote tier points at."""
+    """A boomerang server serving k3 alone, as ``worker:k3``: what a remote tier points at."""
     tmp = tmp_path_factory.mktemp("worker")
-    config = write_deploy(tmp / "worker.yaml", deploy_dict(tiny_dirs, tiers=[{"name": "k3", "size": "k3"}]))
-    server = launch(config, tmp / "worker.log")
+    data = deploy_dict(tiny_dirs, family={"name": "worker"}, tiers=[{"name": "k3", "size": "k3"}],
+                       limits={"max_prompt_tokens": WORKER_PROMPT_LIMIT})  # fmt: skip
+    server = launch(write_deploy(tmp / "worker.yaml", data), tmp / "worker.log")
     with serving(server, stop_timeout=30):
         yield server.url
+
+
+@pytest.fixture(scope="module")
+def gateway(worker: str, tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A gateway serving k0 itself and forwarding k3 to the worker."""
+    tmp = tmp_path_factory.mktemp("gateway")
+    tiers = [{"name": "small", "size": "k0"}, {"name": "k3", "size": "k3", "engine": "remote", "url": worker}]
+    server = launch(write_deploy(tmp / "gateway.yaml", deploy_dict(tiny_dirs, tiers=tiers)), tmp / "gateway.log")
+    with serving(server, stop_timeout=30):
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +148,72 @@ def test_the_gateway_serves_local_vllm_and_remote_tiers_side_by_side(
         metrics = httpx.get(f"{gateway.url}/metrics").text
         assert 'boomerang_replicas{size="k4"} 1.0' in metrics
         assert 'boomerang_scale_events_total{direction="up",reason="min",size="k4"} 1.0' in metrics
+
+
+def _post(url: str, path: str, body: dict[str, object]) -> httpx.Response:
+    return httpx.post(f"{url}{path}", json=body, headers=AUTH, timeout=120)
+
+
+def test_the_gateway_forwards_fields_it_does_not_serve_itself(gateway: Server, worker: str) -> None:
+    """Echo with prompt logprobs, which the token-id path of a remote tier refuses, reaches the worker:
+    the gateway's answer is the worker's, under the size's public name and with the gateway's headers."""
+    body = {"prompt": list(PROMPT), "max_tokens": 4, "temperature": 0, "echo": True, "logprobs": 2}
+    through = _post(gateway.url, "/v1/completions", {**body, "model": "tiny", "size": "k3"})
+    direct = _post(worker, "/v1/completions", {**body, "model": "worker:k3"})
+    assert through.status_code == direct.status_code == 200, through.text
+    assert through.headers["x-boomerang-size"] == "k3" and through.headers["x-request-id"].startswith("cmpl-")
+    answer, expected = through.json(), direct.json()
+    assert answer["model"] == "tiny:k3" and expected["model"] == "worker:k3"
+    assert answer["choices"] == expected["choices"] and answer["usage"] == expected["usage"]
+    assert answer["choices"][0]["logprobs"]["token_logprobs"][0] is None  # the prompt's first token: echoed
+
+
+def test_a_forwarded_stream_equals_the_whole_reply_under_the_public_name(
+    gateway: Server, worker: str, family: Family
+) -> None:
+    client = gateway.client()
+    tokens_before = gateway.metric("boomerang_generation_tokens_total", size="k3")
+    whole = client.completions.create(model="tiny:k3", prompt=list(PROMPT), max_tokens=12, temperature=0)
+    chunks = list(client.completions.create(model="tiny:k3", prompt=list(PROMPT), max_tokens=12, temperature=0,
+                                            stream=True))  # fmt: skip
+    direct = openai.OpenAI(base_url=f"{worker}/v1", api_key=KEY, max_retries=0).completions.create(
+        model="worker:k3", prompt=list(PROMPT), max_tokens=12, temperature=0, stream=True
+    )
+    assert whole.model == "tiny:k3" and whole.choices[0].text == _expected(family, "k3", 12)
+    assert [c.choices[0].text for c in chunks] == [c.choices[0].text for c in direct]  # the worker's pieces
+    assert len(chunks) >= 2 and all(c.model == "tiny:k3" for c in chunks)
+    assert all(c.choices and c.usage is None for c in chunks)  # the usage the gateway asked for is not shown
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason == "length"
+    with_usage = list(client.completions.create(model="tiny:k3", prompt=list(PROMPT), max_tokens=12, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    assert with_usage[-1].usage is not None and with_usage[-1].usage.completion_tokens == 12
+    assert with_usage[-1].model == "tiny:k3"
+    # every forwarded request counted under its size, its tokens from the worker's usage
+    assert gateway.metric("boomerang_generation_tokens_total", size="k3") - tokens_before == 36
+    assert gateway.metric("boomerang_requests_total", size="k3", endpoint="/v1/completions", status="200") >= 3
+
+
+def test_a_worker_400_comes_back_as_it_is(gateway: Server, worker: str) -> None:
+    """A prompt over the worker's own limit: the worker's status and body, not the gateway's."""
+    body = {"prompt": list(range(5, 5 + WORKER_PROMPT_LIMIT + 4)), "max_tokens": 4}
+    through = _post(gateway.url, "/v1/completions", {**body, "model": "tiny:k3"})
+    direct = _post(worker, "/v1/completions", {**body, "model": "worker:k3"})
+    assert through.status_code == direct.status_code == 400
+    assert through.json() == direct.json()
+    assert through.json()["error"]["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="more than the limit of 16"):
+        gateway.client().completions.create(model="tiny:k3", prompt=body["prompt"], max_tokens=4, stream=True)
+    local = _post(gateway.url, "/v1/completions", {**body, "model": "tiny:k0"})  # the gateway's own size takes it
+    assert local.status_code == 200, local.text
+
+
+def test_the_gateway_still_reads_its_own_fields_for_forwarded_sizes(gateway: Server) -> None:
+    """A bad size is the gateway's 404; a field only the worker knows is left to the worker."""
+    bad = _post(gateway.url, "/v1/completions", {"model": "tiny", "size": "k99", "prompt": "x", "max_tokens": 2})
+    assert bad.status_code == 404 and bad.json()["error"]["param"] == "size"
+    budget = _post(gateway.url, "/v1/completions", {"model": "tiny", "size": "k3", "max_latency_ms": -1, "prompt": "x"})
+    assert budget.status_code == 400 and budget.json()["error"]["param"] == "max_latency_ms"
+    unknown = _post(gateway.url, "/v1/completions", {"model": "tiny:k3", "prompt": "x", "max_tokens": 2, "frob": 1})
+    assert unknown.status_code == 400 and unknown.json()["error"]["message"] == "unrecognized request argument: 'frob'"
+    assert unknown.headers["x-boomerang-size"] == "k3"  # answered by the worker, after routing
