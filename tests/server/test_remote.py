@@ -9,6 +9,8 @@ gateway, so that the public name in the gateway's answers and the worker's own 4
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,7 @@ import openai
 import pytest
 import torch
 
-from boomerang_core.assemble import build
+from boomerang_core.assemble import build, export
 from boomerang_core.family import Family
 from server.config import parse_config
 from server.engines.base import EngineError, GenerationRequest, SamplingParams
@@ -26,7 +28,7 @@ from server.engines.factory import pool_engine
 from server.engines.remote import RemoteEngine
 from server.services import load_family
 from tests.server.deploys import TinyFamilyDirs, deploy_dict, write_deploy
-from tests.server.live import KEY, Server, free_port, launch, serving
+from tests.server.live import KEY, Server, free_port, launch, serving, spawn
 
 pytestmark = pytest.mark.server
 PROMPT = (5, 6, 7, 8, 9, 10)
@@ -217,3 +219,43 @@ def test_the_gateway_still_reads_its_own_fields_for_forwarded_sizes(gateway: Ser
     unknown = _post(gateway.url, "/v1/completions", {"model": "tiny:k3", "prompt": "x", "max_tokens": 2, "frob": 1})
     assert unknown.status_code == 400 and unknown.json()["error"]["message"] == "unrecognized request argument: 'frob'"
     assert unknown.headers["x-boomerang-size"] == "k3"  # answered by the worker, after routing
+
+
+@pytest.mark.vllm
+def test_vllm_fields_reach_a_vllm_worker_through_the_gateway(
+    family: Family, tiny_dirs: TinyFamilyDirs, tmp_path: Path
+) -> None:
+    """A stock vLLM OpenAI server on k3 exported is the worker: vLLM's sampling fields and structured
+    output, which the gateway never reads, give through the gateway what they give at vLLM itself."""
+    checkpoint = str(export(family.by_name("k3").plan, family.store, tmp_path / "k3"))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint, "--port", str(port),
+            "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4",
+            "--kv-cache-memory-bytes", str(20_000_000), "--generation-config", "vllm"]  # fmt: skip
+    vllm = spawn(argv, port, tmp_path / "vllm.log", env)
+    with serving(vllm, timeout=600, stop_timeout=60):
+        tiers = [{"name": "small", "size": "k0"}, {"name": "k3", "size": "k3", "engine": "remote", "url": vllm.url}]
+        gateway = launch(write_deploy(tmp_path / "gateway.yaml", deploy_dict(tiny_dirs, tiers=tiers)),
+                         tmp_path / "gateway.log")  # fmt: skip
+        with serving(gateway, stop_timeout=30):
+            direct = openai.OpenAI(base_url=f"{vllm.url}/v1", api_key="none", max_retries=0, timeout=120)
+            through = gateway.client()
+            ask = {"prompt": list(PROMPT), "max_tokens": 32, "temperature": 0}
+            plain = direct.completions.create(model=checkpoint, **ask).choices[0].text
+            extra = {"repetition_penalty": 2.0, "min_p": 0.1}
+            penalised = direct.completions.create(model=checkpoint, **ask, extra_body=extra).choices[0].text
+            assert penalised != plain  # the fields change vLLM's answer, so the gateway's shows they reached it
+            answer = through.completions.create(model="tiny:k3", **ask, extra_body=extra)
+            assert answer.model == "tiny:k3" and answer.choices[0].text == penalised
+            chat = {"messages": [{"role": "user", "content": "Give me a JSON object"}], "max_tokens": 16,
+                    "temperature": 0, "response_format": {"type": "json_object"}}  # fmt: skip
+            expected = direct.chat.completions.create(model=checkpoint, **chat)  # type: ignore[call-overload]
+            whole = through.chat.completions.create(model="tiny:k3", **chat)  # type: ignore[call-overload]
+            assert whole.model == "tiny:k3" and whole.choices[0].message.content == expected.choices[0].message.content
+            chunks = list(through.chat.completions.create(model="tiny:k3", stream=True, **chat))  # type: ignore[call-overload]
+            assert chunks and all(c.model == "tiny:k3" for c in chunks)
+            assert (
+                "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                == expected.choices[0].message.content
+            )
