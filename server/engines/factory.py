@@ -84,7 +84,9 @@ def pool_engine(
             )  # fmt: skip
         else:
             assert tier.url is not None  # the schema requires it
-            specs.append(TierSpec(size, "remote", _remote_maker(tier.url, size), 0, max(1, tier.min_replicas), 1))
+            specs.append(
+                TierSpec(size, "remote", _remote_maker(tier.url, size), 0, max(1, tier.min_replicas), 1, forwards=True)
+            )
     local = local_engine(family, local_sizes, config) if local_sizes else None
     pool = config.pool
     return TierPool(
