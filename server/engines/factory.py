@@ -1,8 +1,9 @@
 """The one engine factory: from the deploy file, the engines that serve a family's sizes.
 
 Every tier ``local`` (or no tiers): one in-process engine on the store for all sizes. Some tier
-``vllm`` or ``remote``: the tier pool, with ``vllm`` tiers as replicas fed from the store (one stepper
-thread for all of them), ``remote`` tiers by URL, and the ``local`` ones on one in-process engine.
+``vllm`` or ``remote``: the tier pool, with ``vllm`` tiers as worker processes over the shared store
+(``engines.vllm.mode: process``, the default) or as in-process replicas on one stepper thread
+(``in_process``), ``remote`` tiers by URL, and the ``local`` ones on one in-process engine.
 :data:`EngineFactory` is the signature ``create_app`` takes (tests pass a scripted engine through it).
 """
 
@@ -12,12 +13,15 @@ from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry
 
+from boomerang_core.demo import cache_root
 from boomerang_core.family import Family
+from boomerang_core.shared_store import SharedStore, share_store, shared_dir
 from server.config import DeployConfig, TierConfig
 from server.engines.base import Engine
 from server.engines.remote import RemoteEngine
 from server.engines.vllm.replica import VllmReplica, VllmSettings
 from server.engines.vllm.stepper import VllmStepper
+from server.engines.vllm.worker import WORKER_RUNTIME_GB, CpuCores, VllmWorker
 from server.pool.metrics import PoolMetrics
 from server.pool.tiers import TierPool, TierSpec
 
@@ -52,9 +56,12 @@ def uses_pool(config: DeployConfig) -> bool:
 
 def vllm_settings(config: DeployConfig) -> VllmSettings:
     v = config.engines.vllm
+    runtime = v.runtime_gb
+    if runtime is None:
+        runtime = WORKER_RUNTIME_GB if v.mode == "process" else VllmSettings.overhead_gb
     return VllmSettings(
         max_model_len=v.max_model_len, max_num_seqs=v.max_num_seqs, enforce_eager=v.enforce_eager,
-        kv_cache_gb=v.kv_cache_gb,
+        kv_cache_gb=v.kv_cache_gb, overhead_gb=runtime,
     )  # fmt: skip
 
 
@@ -70,7 +77,11 @@ def pool_engine(
             raise ValueError(f"size {size} is given two engine kinds ({by_size[size].engine}, {configured.engine})")
         by_size.setdefault(size, configured)
     settings = vllm_settings(config)
-    stepper = VllmStepper()
+    vllm_tiers = [by_size[s] for s in sizes if s in by_size and by_size[s].engine == "vllm"]
+    make_vllm, on_stop = (
+        _vllm_makers(family, settings, config, sum(t.max_replicas for t in vllm_tiers)) if vllm_tiers else (None, [])
+    )
+    process = config.engines.vllm.mode == "process"
     specs: list[TierSpec] = []
     local_sizes: list[str] = []
     for size in sizes:
@@ -78,9 +89,10 @@ def pool_engine(
         if tier is None or tier.engine == "local":
             local_sizes.append(size)
         elif tier.engine == "vllm":
+            assert make_vllm is not None
             specs.append(
-                TierSpec(size, "vllm", _vllm_maker(family, size, settings, stepper), settings.replica_bytes,
-                         tier.min_replicas, tier.max_replicas)
+                TierSpec(size, "vllm", make_vllm(size), settings.replica_bytes, tier.min_replicas, tier.max_replicas,
+                         forwards=process)
             )  # fmt: skip
         else:
             assert tier.url is not None  # the schema requires it
@@ -100,12 +112,22 @@ def pool_engine(
         metrics=PoolMetrics(registry),
         local=local,
         local_sizes=local_sizes,
-        on_stop=[stepper.stop],
+        on_stop=on_stop,
     )
 
 
-def _vllm_maker(family: Family, size: str, settings: VllmSettings, stepper: VllmStepper) -> Callable[[], Engine]:
-    return lambda: VllmReplica(family, size, settings, stepper)
+def _vllm_makers(
+    family: Family, settings: VllmSettings, config: DeployConfig, max_workers: int
+) -> tuple[Callable[[str], Callable[[], Engine]], list[Callable[[], None]]]:
+    """Per size, the maker of its vLLM replicas, and what the pool calls when it stops. ``process``
+    mode moves the store into shared memory here (once, before any engine binds it)."""
+    v = config.engines.vllm
+    if v.mode == "in_process":
+        stepper = VllmStepper()
+        return (lambda size: lambda: VllmReplica(family, size, settings, stepper)), [stepper.stop]
+    shared: SharedStore = share_store(family.store, shared_dir(v.shared_dir, cache_root()))
+    cores = CpuCores.of_this_process(max_workers, v.cpu_cores_per_worker)
+    return (lambda size: lambda: VllmWorker(family, size, settings, shared, cores=cores)), [shared.remove]
 
 
 def _remote_maker(url: str, size: str) -> Callable[[], Engine]:
