@@ -198,9 +198,11 @@ def _turn(message: ChatMessage, index: int) -> dict[str, Any]:
 def chat_prompt(
     tokenizer: Any, messages: list[ChatMessage], *, add_generation_prompt: bool = True,
     continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
+    add_special_tokens: bool = False,
 ) -> list[int]:  # fmt: skip
     """The chat template applied to the messages, with the assistant turn opened (or the last
-    message left open with ``continue_final_message``). Blocking."""
+    message left open with ``continue_final_message``); ``add_special_tokens``: the tokenizer's
+    own (BOS) on top of the template's. Blocking."""
     if not getattr(tokenizer, "chat_template", None):
         raise BadRequest("this model has no chat template: use /v1/completions", param="messages")
     if continue_final_message and add_generation_prompt:
@@ -215,7 +217,7 @@ def chat_prompt(
     if not isinstance(text, str):
         raise BadRequest("chat_template_kwargs asked the template for something other than text",
                          param="chat_template_kwargs")  # fmt: skip
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
 def echo_text(body: ChatCompletionRequest) -> str:

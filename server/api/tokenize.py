@@ -19,7 +19,7 @@ router = APIRouter()
 
 
 class TokenizeCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON types only: "1" is no token id
     model: str | None = None
     prompt: str
     add_special_tokens: NullableBool = Field(default=True, description="add the tokenizer's special tokens (BOS)")
@@ -27,7 +27,7 @@ class TokenizeCompletionRequest(BaseModel):
 
 
 class TokenizeChatRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON types only: "1" is no token id
     model: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     add_generation_prompt: NullableBool = True
@@ -45,7 +45,7 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON types only: "1" is no token id
     model: str | None = None
     tokens: list[Annotated[int, Field(ge=0, lt=2**63)]]
 
@@ -67,13 +67,11 @@ def tokenize(services: Services, body: TokenizeCompletionRequest | TokenizeChatR
     if isinstance(body, TokenizeCompletionRequest):
         text = check_text(body.prompt, "prompt")
         return list(tokenizer(text, add_special_tokens=body.add_special_tokens)["input_ids"])
-    ids = chat_prompt(
+    return chat_prompt(
         tokenizer, body.messages, add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message, template_kwargs=dict(body.chat_template_kwargs or {}),
+        add_special_tokens=body.add_special_tokens,
     )  # fmt: skip
-    if body.add_special_tokens:
-        ids = list(tokenizer.build_inputs_with_special_tokens(ids))
-    return ids
 
 
 @router.post("/tokenize", responses=error_responses(400, 401, 404, 503))

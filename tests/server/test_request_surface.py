@@ -15,6 +15,7 @@ import torch
 
 from boomerang_core.assemble import build
 from boomerang_core.family import Family
+from server.api.common import LOGPROB_FLOOR, finite_logprob
 from server.config import parse_config
 from server.services import load_family
 from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
@@ -247,3 +248,17 @@ def test_tokenize_and_detokenize_round_trip(server: Server, family: Family) -> N
     }
     assert post(server, "/detokenize", {"tokens": [10**6]}).status_code == 400
     assert post(server, "/tokenize", {"model": "nope", "prompt": "x"}).status_code == 404
+
+
+def test_an_overflowing_penalty_fails_no_request(server: Server) -> None:
+    """A repetition_penalty that overflows the logits (found by the fuzzer) gives tokens, not NaN
+    probabilities that fail the step of every request in the batch."""
+    for temperature in (0, 1):
+        reply = complete(server, PROMPTS[0], max_tokens=4, repetition_penalty=5e-324, temperature=temperature)
+        assert reply["usage"]["completion_tokens"] >= 1
+
+
+def test_logprobs_json_cannot_carry_are_vllms_floor() -> None:
+    assert [finite_logprob(v) for v in (float("nan"), float("-inf"), float("inf"), -1.5)] == [LOGPROB_FLOOR] * 3 + [
+        -1.5
+    ]

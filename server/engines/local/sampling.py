@@ -94,6 +94,7 @@ def sample(logits: Tensor, samplers: Sequence[RequestSampler], token_text: Calla
         logits = logits.clone()
         for i in adjusted:
             samplers[i].adjust(logits[i])
+        logits = _finite(logits)
     chosen = logits.argmax(dim=-1)
     sampled = [i for i, s in enumerate(samplers) if not s.greedy]
     if sampled:
@@ -114,7 +115,7 @@ def sample(logits: Tensor, samplers: Sequence[RequestSampler], token_text: Calla
 def _sample_rows(logits: Tensor, samplers: Sequence[RequestSampler]) -> Tensor:
     """Temperature, then min-p, top-k and top-p, then one draw per row from that row's generator."""
     temps = torch.tensor([s.params.temperature for s in samplers], dtype=torch.float32)[:, None]
-    scaled = logits / temps
+    scaled = _finite(logits / temps)
     min_p = torch.tensor([s.params.min_p for s in samplers], dtype=torch.float32)[:, None]
     if bool((min_p > 0).any()):  # vLLM: below min_p x the best token's probability is out
         probs = torch.softmax(scaled, dim=-1)
@@ -135,6 +136,12 @@ def _sample_rows(logits: Tensor, samplers: Sequence[RequestSampler]) -> Tensor:
     probs = probs.masked_fill((before >= p) & (ranks > 0), 0.0)
     picks = [torch.multinomial(probs[r], 1, generator=s.generator)[0] for r, s in enumerate(samplers)]
     return indices.gather(1, torch.stack(picks)[:, None])[:, 0]
+
+
+def _finite(logits: Tensor) -> Tensor:
+    """Logits a softmax can take: a penalty or temperature that overflows a logit to +inf (a
+    repetition_penalty of 1e-300) makes it the largest float instead of a NaN that fails the batch."""
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max, neginf=float("-inf"))
 
 
 def token_logprob(log_probs: Tensor, token: int, top_n: int, token_text: Callable[[int], str]) -> TokenLogprob:
