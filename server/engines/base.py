@@ -15,6 +15,18 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class StructuredSpec:
+    """A constraint on the output, decoded with a grammar (vLLM's ``structured_outputs``).
+
+    ``kind``: "json" (``value`` is a JSON schema, as JSON text), "json_object" (any JSON object;
+    ``value`` unused), "regex" (``value`` is the pattern), "choice" (``value`` is a JSON list of the
+    allowed strings) or "grammar" (``value`` is an EBNF grammar, xgrammar/GBNF syntax)."""
+
+    kind: str
+    value: str = ""
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0  # 0 = greedy
@@ -35,6 +47,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     include_stop_str_in_output: bool = False  # the stop string or stop token's text ends the output
     skip_special_tokens: bool = True  # in the output text
+    structured: StructuredSpec | None = None  # the output follows this grammar; it ends ("stop") when complete
 
 
 @dataclass(frozen=True)
