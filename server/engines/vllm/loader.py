@@ -123,11 +123,9 @@ def bind_model(model: nn.Module, found: StoreOffer) -> dict[str, int]:
     shared = copied = 0
     bound: dict[int, nn.Parameter] = {}  # id of vLLM's original parameter -> its replacement
     for module_name, module in model.named_modules(remove_duplicate=False):
-        for leaf, param in list(module._parameters.items()):
-            if param is None:
-                continue
+        for leaf, param in list(module.named_parameters(recurse=False, remove_duplicate=False)):
             if id(param) in bound:  # a tied parameter seen under another module
-                module._parameters[leaf] = bound[id(param)]
+                module.register_parameter(leaf, bound[id(param)])
                 continue
             name = f"{module_name}.{leaf}" if module_name else leaf
             source = store_tensor(name, found).detach()
@@ -146,7 +144,7 @@ def bind_model(model: nn.Module, found: StoreOffer) -> dict[str, int]:
                 raise ValueError(f"{name}: store tensor {tuple(source.shape)} does not fit {tuple(param.shape)}")
             new = nn.Parameter(view, requires_grad=False)
             bound[id(param)] = new
-            module._parameters[leaf] = new
+            module.register_parameter(leaf, new)
     keep_plain_linear(model)
     return {"shared": shared, "copied": copied}
 
