@@ -20,10 +20,12 @@ class StructuredSpec:
 
     ``kind``: "json" (``value`` is a JSON schema, as JSON text), "json_object" (any JSON object;
     ``value`` unused), "regex" (``value`` is the pattern), "choice" (``value`` is a JSON list of the
-    allowed strings) or "grammar" (``value`` is an EBNF grammar, xgrammar/GBNF syntax)."""
+    allowed strings) or "grammar" (``value`` is an EBNF grammar, xgrammar/GBNF syntax). ``param``:
+    the request field it came from, named by the 400 when it does not compile."""
 
     kind: str
     value: str = ""
+    param: str = "structured_outputs"
 
 
 @dataclass(frozen=True)
