@@ -3,6 +3,7 @@ of fields the server cannot honour, token limits, and routing a request to one s
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -14,20 +15,19 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticUseDefault
 
 from boomerang_core.family import Family, FamilySize
-from server.engines.base import GenerationRequest, SamplingParams
+from server.engines.base import GenerationRequest, SamplingParams, StructuredSpec
 from server.errors import BadRequest
 from server.routing import Decision, Router, RouteRequest
 from server.services import Services
 
 # Known OpenAI fields this server cannot honour: a 400 naming the field, never a silent ignore.
 UNSUPPORTED = {
-    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
+    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
     "audio", "modalities", "prediction", "web_search_options", "reasoning_effort", "suffix", "best_of",
     "service_tier", "store", "metadata",
 }  # fmt: skip
 # Sent by some clients with a value that asks for nothing: accepted when the value is harmless.
 _HARMLESS: dict[str, tuple[Any, ...]] = {
-    "response_format": ({"type": "text"},),
     "parallel_tool_calls": (True, False),
     "store": (False,),
     "metadata": ({},),
@@ -107,6 +107,66 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="the JSON schema the answer follows")
+    strict: bool | None = None
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs``: exactly one constraint on the answer."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json", description="a JSON schema")
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1)] | None = None
+    grammar: str | None = Field(default=None, description="an EBNF grammar (xgrammar's syntax)")
+    json_object: bool | None = None
+
+    def spec(self) -> StructuredSpec:
+        given = {
+            "json": self.json_, "regex": self.regex, "choice": self.choice, "grammar": self.grammar,
+            "json_object": self.json_object,
+        }  # fmt: skip
+        kinds = [k for k, v in given.items() if v is not None]
+        if len(kinds) != 1:
+            raise BadRequest("structured_outputs takes exactly one of json, regex, choice, grammar, json_object",
+                             param="structured_outputs")  # fmt: skip
+        kind = kinds[0]
+        param = f"structured_outputs.{kind}"
+        if kind == "json_object":
+            return StructuredSpec("json_object", param=param)
+        value = given[kind]
+        if isinstance(value, list):  # choice
+            text = json.dumps([check_text(c, f"{param}[{i}]") for i, c in enumerate(value)])
+        elif isinstance(value, dict):
+            text = json.dumps(value)
+        else:
+            text = check_text(str(value), param)
+        return StructuredSpec(kind, text, param=param)
+
+
 class GenerationFields(BaseModel):
     """OpenAI fields both endpoints take, vLLM's sampling extras, plus ``size``, ``max_latency_ms``,
     ``max_memory_gb``."""
@@ -149,6 +209,11 @@ class GenerationFields(BaseModel):
     )
     include_stop_str_in_output: NullableBool = Field(default=False, description="the stop string ends the text")
     skip_special_tokens: NullableBool = Field(default=True, description="leave special tokens out of the output text")
+    # structured outputs: the answer follows a JSON schema, any JSON object, or vLLM's constraints
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = Field(
+        default=None, description="vLLM's constraints: one of json (a schema), regex, choice, grammar, json_object"
+    )
 
     def reject_unsupported(self) -> None:
         for name, value in (self.model_extra or {}).items():
@@ -171,6 +236,20 @@ class GenerationFields(BaseModel):
     @property
     def stop_strings(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def structured(self) -> StructuredSpec | None:
+        """The constraint the answer is decoded under: ``structured_outputs``, or ``response_format``."""
+        fmt = self.response_format
+        if self.structured_outputs is not None:
+            if fmt is not None and fmt.type != "text":
+                raise BadRequest("use one of response_format and structured_outputs", param="structured_outputs")
+            return self.structured_outputs.spec()
+        if isinstance(fmt, JsonObjectFormat):
+            return StructuredSpec("json_object", param="response_format")
+        if isinstance(fmt, JsonSchemaFormat):
+            schema = json.dumps(fmt.json_schema.schema_)
+            return StructuredSpec("json", schema, param="response_format.json_schema.schema")
+        return None
 
     def token_bias(self, vocab: int) -> tuple[tuple[int, float], ...]:
         """``logit_bias`` as (token id, bias); a key that is not a token id of this model is a 400."""
@@ -210,6 +289,7 @@ class GenerationFields(BaseModel):
             logit_bias=self.token_bias(vocab),
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
+            structured=self.structured(),
         )
 
 

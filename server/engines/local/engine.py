@@ -31,11 +31,13 @@ from server.engines.base import (
     EngineError,
     GenerationRequest,
     QueueFull,
+    RequestRejected,
     SizeLoad,
     TokenEvent,
     TokenLogprob,
 )
 from server.engines.local.detokenize import IncrementalDetokenizer, StopStrings
+from server.engines.local.grammar import Constraint, GrammarError, Grammars
 from server.engines.local.packed import (
     ATTENTION,
     RowWork,
@@ -137,6 +139,7 @@ class LocalEngine(Engine):
                 eos.update(int(t) for t in ids)
         self.eos_ids = frozenset(eos)
         self._token_text: dict[int, str] = {}
+        self._grammars: Grammars | None = None  # built by the first structured request
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._waiting: deque[ActiveRequest] = deque()
@@ -201,6 +204,7 @@ class LocalEngine(Engine):
             raise EngineError("the local engine is not running" + (f": {self._dead}" if self._dead else ""))
         i = self._index(request.size)
         self._validate(request)
+        constraint = self._constraint(request)  # compiled here: a bad grammar is the client's 400, not a failed step
         with self._lock:
             if self._num_waiting >= self.max_queue:
                 raise QueueFull(f"{self._num_waiting} requests are waiting (limit {self.max_queue})", 1.0)
@@ -213,7 +217,7 @@ class LocalEngine(Engine):
             size=i,
             loop=asyncio.get_running_loop(),
             events=asyncio.Queue(),
-            sampler=RequestSampler(p, self.vocab_size, request.prompt_ids, stop_ids),
+            sampler=RequestSampler(p, self.vocab_size, request.prompt_ids, stop_ids, constraint),
             detok=IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens),
             stops=StopStrings(p.stop, p.include_stop_str_in_output),
             stop_ids=frozenset(stop_ids),
@@ -257,6 +261,19 @@ class LocalEngine(Engine):
         bad = [t for t in request.prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise EngineError(f"token ids out of range 0..{self.vocab_size - 1}: {bad[:5]}")
+
+    def _constraint(self, request: GenerationRequest) -> Constraint | None:
+        """The request's grammar matcher, or None when its output is free. Compiling a new grammar
+        blocks for milliseconds (the compiler caches each one, so a repeated schema does not)."""
+        spec = request.sampling.structured
+        if spec is None:
+            return None
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
+        try:
+            return self._grammars.constraint(spec)
+        except GrammarError as exc:
+            raise RequestRejected(f"{spec.param}: {exc}", param=spec.param, code="invalid_grammar") from None
 
     # --- worker thread --------------------------------------------------------------------------
 

@@ -56,14 +56,16 @@ class ActiveRequest:
     def event_for(self, token: int | None, logprob: TokenLogprob | None, max_context: int) -> TokenEvent:
         """Record one sampled token (None: a prompt-only request) and return its event. The request
         ends on a stop token (whose text is emitted only with ``include_stop_str_in_output``), a stop
-        string, ``max_tokens`` or a full context."""
+        string, the end of its grammar, ``max_tokens`` or a full context."""
         p = self.request.sampling
         finish: str | None = None
         text = ""
         if token is not None:
             self.output.append(token)
-        if token is not None and token in self.stop_ids:
-            shown = self.detok.push(token) if p.include_stop_str_in_output else ""  # else its text is not emitted
+        grammar_ended = self.sampler.constraint is not None and self.sampler.constraint.ended
+        if token is not None and (token in self.stop_ids or grammar_ended):
+            # a stop token's text is emitted only when asked; a token that ends a grammar is not text
+            shown = self.detok.push(token) if token in self.stop_ids and p.include_stop_str_in_output else ""
             text, hit = self.stops.push(shown + self.detok.flush())
             finish = "stop"
             text += "" if hit else self.stops.flush()

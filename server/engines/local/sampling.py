@@ -16,17 +16,25 @@ import torch
 from torch import Tensor
 
 from server.engines.base import SamplingParams, TokenLogprob
+from server.engines.local.grammar import Constraint, mask_rows
 
 
 class RequestSampler:
     """Per-request sampling state: parameters, random stream, counts of generated tokens (OpenAI
     penalties count only the completion), and for vLLM's extras the tokens seen in prompt and output
-    (``repetition_penalty``), the ids ``min_tokens`` holds back and the ``logit_bias``."""
+    (``repetition_penalty``), the ids ``min_tokens`` holds back and the ``logit_bias``; for structured
+    outputs, the request's grammar ``constraint``."""
 
     def __init__(
-        self, params: SamplingParams, vocab_size: int, prompt: Sequence[int] = (), stop_ids: Iterable[int] = ()
+        self,
+        params: SamplingParams,
+        vocab_size: int,
+        prompt: Sequence[int] = (),
+        stop_ids: Iterable[int] = (),
+        constraint: Constraint | None = None,
     ) -> None:
         self.params = params
+        self.constraint = constraint
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
         self.generator = torch.Generator().manual_seed(seed)
         self.generated = 0
@@ -72,6 +80,8 @@ class RequestSampler:
 
     def observe(self, token_id: int) -> None:
         self.generated += 1
+        if self.constraint is not None:
+            self.constraint.accept(token_id)
         if self.counts is not None and 0 <= token_id < self.counts.numel():
             self.counts[token_id] += 1
         if self.seen is not None and 0 <= token_id < self.seen.numel():
@@ -85,16 +95,21 @@ class Choice:
 
 
 def sample(logits: Tensor, samplers: Sequence[RequestSampler], token_text: Callable[[int], str]) -> list[Choice]:
-    """Choose one token per row of ``logits`` (rows, vocab; float32) for the matching sampler."""
+    """Choose one token per row of ``logits`` (rows, vocab; float32) for the matching sampler. A
+    constrained row chooses among the tokens its grammar allows next (after the other adjustments)."""
     logits = logits.float().cpu()
     raw = logits
     want_logprobs = any(s.params.logprobs is not None for s in samplers)
     adjusted = [i for i, s in enumerate(samplers) if s.adjusts]
-    if adjusted:
+    constrained = [(i, s.constraint) for i, s in enumerate(samplers) if s.constraint is not None]
+    if adjusted or constrained:
         logits = logits.clone()
+    if adjusted:
         for i in adjusted:
             samplers[i].adjust(logits[i])
         logits = _finite(logits)
+    if constrained:
+        mask_rows(logits, [i for i, _ in constrained], [c for _, c in constrained])
     chosen = logits.argmax(dim=-1)
     sampled = [i for i, s in enumerate(samplers) if not s.greedy]
     if sampled:
