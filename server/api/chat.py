@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from boomerang_core.family import Family
 from server.api.common import (
@@ -26,6 +27,7 @@ from server.api.common import (
 )
 from server.api.fanout import Choice, Fanout
 from server.api.serving import Generation, Prepared, serve
+from server.api.tools import ToolCalling, ToolFields, default_rendering, rendered_tools, template_takes_tools
 from server.engines.base import TokenLogprob
 from server.errors import BadRequest, error_responses
 from server.services import Services, ServicesDep
@@ -66,8 +68,14 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
     refusal: str | None = None
 
+    @model_validator(mode="after")
+    def _tool_result_names_its_call(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:  # OpenAI and vLLM require it
+            raise ValueError("a message with role 'tool' needs the tool_call_id of the call it answers")
+        return self
 
-class ChatCompletionRequest(GenerationFields):
+
+class ChatCompletionRequest(GenerationFields, ToolFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: NullableBool = False
@@ -103,10 +111,14 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprobEntry]
 
 
+ChatFinishReason = FinishReason | Literal["tool_calls"]
+
+
 class AssistantMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -114,7 +126,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None
-    finish_reason: FinishReason | None
+    finish_reason: ChatFinishReason | None
 
 
 class ChatCompletion(BaseModel):
@@ -130,10 +142,27 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class DeltaFunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+    arguments: str | None = None  # the next piece of the JSON text
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a tool call: the first carries its id, type and name."""
+
+    model_config = ConfigDict(extra="forbid")
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class Delta(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChunkChoice(BaseModel):
@@ -141,7 +170,7 @@ class ChunkChoice(BaseModel):
     index: int
     delta: Delta
     logprobs: ChoiceLogprobs | None
-    finish_reason: FinishReason | None
+    finish_reason: ChatFinishReason | None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -198,20 +227,24 @@ def _turn(message: ChatMessage, index: int) -> dict[str, Any]:
 def chat_prompt(
     tokenizer: Any, messages: list[ChatMessage], *, add_generation_prompt: bool = True,
     continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
-    add_special_tokens: bool = False,
+    add_special_tokens: bool = False, tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:  # fmt: skip
     """The chat template applied to the messages, with the assistant turn opened (or the last
     message left open with ``continue_final_message``); ``add_special_tokens``: the tokenizer's
-    own (BOS) on top of the template's. Blocking."""
+    own (BOS) on top of the template's; ``tools`` through the template, or rendered by
+    :func:`server.api.tools.default_rendering` when the template has no tool support. Blocking."""
     if not getattr(tokenizer, "chat_template", None):
         raise BadRequest("this model has no chat template: use /v1/completions", param="messages")
     if continue_final_message and add_generation_prompt:
         raise BadRequest("continue_final_message and add_generation_prompt cannot both be true",
                          param="continue_final_message")  # fmt: skip
     turns = [_turn(m, i) for i, m in enumerate(messages)]
+    if not template_takes_tools(tokenizer):
+        turns, tools = default_rendering(turns, tools), None
     flags = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message}
+    kwargs = {**(template_kwargs or {}), **flags, "tokenize": False, **({"tools": tools} if tools else {})}
     try:
-        text = tokenizer.apply_chat_template(turns, **{**(template_kwargs or {}), **flags, "tokenize": False})
+        text = tokenizer.apply_chat_template(turns, **kwargs)
     except Exception as exc:  # a template that raises (e.g. roles out of order) is the client's message
         raise BadRequest(f"the chat template rejected the messages: {exc}", param="messages") from None
     if not isinstance(text, str):
@@ -240,7 +273,20 @@ def _logprob_entry(lp: TokenLogprob) -> dict[str, Any]:
     }
 
 
-def _response(routed: Routed, choices: list[Choice], want_logprobs: bool, echo: str) -> dict[str, Any]:
+def _message(c: Choice, echo: str, tools: ToolCalling | None) -> tuple[dict[str, Any], str | None]:
+    """One choice's assistant message and finish reason; with tools, the calls parsed out of its text."""
+    if tools is None:
+        return {"role": "assistant", "content": echo + c.output}, c.finish_reason
+    message, finish_reason = tools.message(c.output, c.finish_reason)
+    if echo:
+        message["content"] = echo + (message["content"] or "")
+    return message, finish_reason
+
+
+def _response(
+    routed: Routed, choices: list[Choice], want_logprobs: bool, echo: str, tools: ToolCalling | None = None
+) -> dict[str, Any]:
+    messages = [_message(c, echo, tools) for c in choices]
     return {
         "id": routed.request_id,
         "object": "chat.completion",
@@ -250,19 +296,20 @@ def _response(routed: Routed, choices: list[Choice], want_logprobs: bool, echo: 
         "choices": [
             {
                 "index": c.index,
-                "message": {"role": "assistant", "content": echo + c.output},
+                "message": message,
                 "logprobs": {"content": [_logprob_entry(lp) for lp in c.logprobs]} if want_logprobs else None,
-                "finish_reason": c.finish_reason,
+                "finish_reason": finish_reason,
             }
-            for c in choices
+            for c, (message, finish_reason) in zip(choices, messages, strict=True)
         ],
         "usage": usage(choices[0].prompt_tokens, sum(c.completion_tokens for c in choices)),
     }
 
 
 async def _chunks(
-    routed: Routed, fanout: Fanout, want_logprobs: bool, include_usage: bool, echo: str
-) -> AsyncIterator[dict[str, Any]]:
+    routed: Routed, fanout: Fanout, want_logprobs: bool, include_usage: bool, echo: str,
+    tools: ToolCalling | None = None,
+) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         body = {
             "id": routed.request_id,
@@ -279,12 +326,21 @@ async def _chunks(
     for c in fanout.choices:
         yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": echo}, "logprobs": None,
                       "finish_reason": None}])  # fmt: skip
+    streams = [tools.stream(c.request.prompt_ids) for c in fanout.choices] if tools is not None else None
     async for c, event in fanout.events():
         if not (event.text or event.logprobs or event.finish_reason):
             continue
         logprobs = {"content": [_logprob_entry(lp) for lp in event.logprobs]} if want_logprobs else None
-        delta = {"content": event.text} if event.text else {}
-        yield chunk([{"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": event.finish_reason}])
+        finish_reason = event.finish_reason
+        if streams is None:
+            delta = {"content": event.text} if event.text else {}
+        else:  # the text through the choice's tool parser: content and tool call pieces
+            stream = streams[c.index]
+            delta = stream.delta(event.text, event.token_ids, finished=finish_reason is not None) or {}
+            if not (delta or logprobs or finish_reason):
+                continue
+            finish_reason = stream.finish_reason(finish_reason)
+        yield chunk([{"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}])
     if include_usage:
         choices = fanout.choices
         yield chunk([], usage=usage(choices[0].prompt_tokens, sum(c.completion_tokens for c in choices)))
@@ -296,12 +352,15 @@ async def _chunks(
 class ChatGeneration(Generation):
     endpoint, id_prefix = ENDPOINT, "chatcmpl"
     body: ChatCompletionRequest
+    tools: ToolCalling | None = None
 
     async def prepare(self, services: Services, family: Family) -> Prepared:
         body = self.body
+        self.tools = await asyncio.to_thread(ToolCalling.of, body, services.tokenizer)
         prompt = await asyncio.to_thread(
             chat_prompt, services.tokenizer, body.messages, add_generation_prompt=body.add_generation_prompt,
             continue_final_message=body.continue_final_message, template_kwargs=body.chat_template_kwargs,
+            tools=rendered_tools(body),
         )  # fmt: skip
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if requested == 0:
@@ -313,13 +372,17 @@ class ChatGeneration(Generation):
             raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         sampling = body.sampling(max_tokens, logprobs, len(services.tokenizer))
+        if self.tools is not None:  # a call the model must make overrides response_format, as in vLLM
+            structured = self.tools.structured or sampling.structured
+            skip = sampling.skip_special_tokens and self.tools.skip_special_tokens  # <tool_call> may be special
+            sampling = replace(sampling, structured=structured, skip_special_tokens=skip)
         return Prepared([prompt], predicted_tokens(services, requested, max_tokens), sampling)
 
     def response(self, routed: Routed, choices: list[Choice]) -> dict[str, Any]:
-        return _response(routed, choices, self.body.logprobs, echo_text(self.body))
+        return _response(routed, choices, self.body.logprobs, echo_text(self.body), self.tools)
 
     def chunks(self, routed: Routed, fanout: Fanout) -> AsyncIterator[dict[str, Any]]:
-        return _chunks(routed, fanout, self.body.logprobs, self.body.include_usage, echo_text(self.body))
+        return _chunks(routed, fanout, self.body.logprobs, self.body.include_usage, echo_text(self.body), self.tools)
 
 
 @router.post(
