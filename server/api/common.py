@@ -405,6 +405,11 @@ def route(
             n=body.n * len(prompts),
         )
     )
+    return routed_as(services, family, router, decision, prefix)
+
+
+def routed_as(services: Services, family: Family, router: Router, decision: Decision, prefix: str) -> Routed:
+    """A request bound to the size ``decision`` chose, with a new id that starts with ``prefix``."""
     return Routed(
         family=family,
         decision=decision,

@@ -37,10 +37,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api import chat, completions
-from server.api.common import Routed, choice_limit
+from server.api.common import Routed, choice_limit, routed_as
 from server.api.fanout import until_disconnected
 from server.api.guards import replay
-from server.api.serving import DECIDED, routed_as
+from server.api.serving import DECIDED
 from server.engines.base import EngineError, Forwarded, Forwarding
 from server.errors import BadRequest, error_response, sse_error, to_api_error
 from server.routing import Decision, RouteRequest

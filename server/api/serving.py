@@ -15,8 +15,6 @@ that decision (:data:`DECIDED` in the ASGI scope), so that the request is routed
 from __future__ import annotations
 
 import abc
-import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,11 +23,11 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
 from boomerang_core.family import Family
-from server.api.common import GenerationFields, Routed, route
+from server.api.common import GenerationFields, Routed, route, routed_as
 from server.api.fanout import Choice, Fanout, collect_reply, stream_response
 from server.engines.base import SamplingParams
 from server.errors import error_response
-from server.routing import Decision, Router
+from server.routing import Decision
 from server.services import Services
 
 DECIDED = "boomerang.decision"  # ASGI scope key: the size the forwarder chose for a request it did not forward
@@ -97,15 +95,3 @@ async def serve(request: Request, services: Services, generation: Generation) ->
     if choices is None:
         return Response(status_code=499)
     return JSONResponse(generation.response(routed, choices), headers=routed.headers())
-
-
-def routed_as(services: Services, family: Family, router: Router, decision: Decision, prefix: str) -> Routed:
-    """A request bound to the size ``decision`` chose, with a new id that starts with ``prefix``."""
-    return Routed(
-        family=family,
-        decision=decision,
-        served_as=services.served_name(decision.size),
-        request_id=f"{prefix}-{uuid.uuid4().hex}",
-        created=int(time.time()),
-        router=router,
-    )
