@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from server.api.chat import ChatMessage, chat_prompt
 from server.api.common import NullableBool, check_text, context_length
-from server.api.tools import ChatTool
+from server.api.tools import ChatTool, tool_dicts
 from server.errors import BadRequest, error_responses
 from server.services import Services, ServicesDep
 
@@ -73,7 +73,7 @@ def tokenize(services: Services, body: TokenizeCompletionRequest | TokenizeChatR
         tokenizer, body.messages, add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message, template_kwargs=dict(body.chat_template_kwargs or {}),
         add_special_tokens=body.add_special_tokens,
-        tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+        tools=tool_dicts(body.tools) if body.tools else None,
     )  # fmt: skip
 
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.api.common import NullableBool
+from server.api.common import NullableBool, check_text
 from server.engines.base import StructuredSpec
 from server.errors import BadRequest
 
@@ -122,11 +122,18 @@ def default_rendering(turns: list[dict[str, Any]], tools: list[dict[str, Any]] |
     return out
 
 
+def tool_dicts(tools: list[ChatTool]) -> list[dict[str, Any]]:
+    """The tools as the chat template receives them, checked to be text a tokenizer can encode."""
+    dicts = [tool.model_dump(exclude_none=True) for tool in tools]
+    check_text(json.dumps(dicts, ensure_ascii=False), "tools")
+    return dicts
+
+
 def rendered_tools(body: ToolFields) -> list[dict[str, Any]] | None:
-    """The tools as the chat template receives them (none with ``tool_choice: "none"``)."""
+    """The tools of a chat request as its template receives them (none with ``tool_choice: "none"``)."""
     if not body.tools or body.tool_choice == "none":
         return None
-    return [tool.model_dump(exclude_none=True) for tool in body.tools]
+    return tool_dicts(body.tools)
 
 
 # --- parsing ----------------------------------------------------------------------------------
@@ -138,6 +145,7 @@ def _vllm() -> Any:
     or None without vLLM."""
     try:
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.exceptions import VLLMClientError
         from vllm.parser.abstract_parser import DelegatingParser
         from vllm.renderers.chat_utils import make_tool_call_id
         from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
@@ -159,8 +167,9 @@ def _vllm() -> Any:
         request: type
         parser: type
         call_id: Any
+        client_error: type[Exception]
 
-    return Vllm(ChatCompletionRequest, HermesParser, make_tool_call_id)
+    return Vllm(ChatCompletionRequest, HermesParser, make_tool_call_id, VLLMClientError)
 
 
 class ToolCalling:
@@ -196,12 +205,12 @@ class ToolCalling:
             raise BadRequest("tools need vllm installed", param="tools", code="unsupported_field")
         try:
             request = vllm.request(
-                model="", messages=[], tools=[t.model_dump(exclude_none=True) for t in body.tools],
+                model="", messages=[], tools=tool_dicts(body.tools),
                 tool_choice=choice.model_dump() if isinstance(choice, BaseModel) else (choice or "auto"),
                 parallel_tool_calls=body.parallel_tool_calls,
             )  # fmt: skip
             return cls(vllm, request, tokenizer, body.parallel_tool_calls)
-        except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+        except (ValueError, TypeError, vllm.client_error) as exc:  # vLLM's request checks; pydantic's are ValueErrors
             raise BadRequest(f"tools: {exc}", param="tools") from None
 
     def _parser(self) -> Any:

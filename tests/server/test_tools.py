@@ -16,6 +16,7 @@ import pytest
 
 from server.api.chat import ChatCompletionRequest, ChatMessage, Delta, chat_prompt
 from server.api.tools import ToolCalling, ToolStream
+from server.errors import BadRequest
 from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
 from tests.server.live import KEY, Server, launch, serving
 from tests.tiny import tiny_tokenizer
@@ -148,6 +149,13 @@ def test_required_and_named_read_the_constrained_json() -> None:
     assert not content and calls[0]["name"] == "get_weather"
     assert json.loads(calls[0]["arguments"]) == {"unit": "fahrenheit", "tomorrow": False}
     assert ToolCalling.of(request(tool_choice="none"), tiny_tokenizer()) is None  # plain chat
+
+
+def test_tools_a_tokenizer_cannot_encode_are_a_400() -> None:
+    broken = {"type": "function", "function": {"name": "f", "description": "\ud800"}}
+    with pytest.raises(BadRequest) as raised:
+        ToolCalling.of(request(tools=[broken]), tiny_tokenizer())
+    assert raised.value.param == "tools"
 
 
 # --- a live server ----------------------------------------------------------------------------
