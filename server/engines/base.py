@@ -8,6 +8,7 @@ seeds and logprobs are the engine's job, so every backend honours them the same 
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -26,6 +27,12 @@ class StructuredSpec:
     kind: str
     value: str = ""
     param: str = "structured_outputs"
+
+    def as_vllm(self) -> dict[str, Any]:
+        """vLLM's ``structured_outputs`` fields for this spec (the kinds are its field names)."""
+        if self.kind == "json_object":
+            return {"json_object": True}
+        return {self.kind: json.loads(self.value) if self.kind == "choice" else self.value}
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,10 @@ class RemoteEngine(Engine, Forwarding):
             raise RequestRejected("stop_token_ids need a vLLM worker", param="stop_token_ids")
         if p.prompt_logprobs is not None:
             raise RequestRejected("prompt logprobs (echo) are not served through a remote worker", param="echo")
+        if p.structured is not None:
+            if not self._is_vllm:
+                raise RequestRejected("structured outputs need a vLLM worker", param=p.structured.param)
+            body["structured_outputs"] = p.structured.as_vllm()
         body.update({k: v for k, v in optional.items() if v is not None})
         return body
 

@@ -308,7 +308,7 @@ class VllmReplica(Engine):
 def vllm_sampling(p: SamplingParams) -> Any:
     """The gateway's sampling fields, one to one, as vLLM ``SamplingParams`` (streamed as deltas)."""
     from vllm import SamplingParams as VSamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     return VSamplingParams(
         max_tokens=p.max_tokens,
@@ -329,6 +329,7 @@ def vllm_sampling(p: SamplingParams) -> Any:
         logit_bias=dict(p.logit_bias) or None,
         include_stop_str_in_output=p.include_stop_str_in_output,
         skip_special_tokens=p.skip_special_tokens,
+        structured_outputs=StructuredOutputsParams(**p.structured.as_vllm()) if p.structured else None,
         output_kind=RequestOutputKind.DELTA,
     )
 
