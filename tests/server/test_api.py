@@ -204,7 +204,8 @@ def test_metrics_carry_the_size_label(api: Harness) -> None:
 @pytest.mark.parametrize(
     ("body", "param", "words"),
     [
-        ({"tools": [{"type": "function"}]}, "tools", "not supported"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "not supported"),
+        ({"tools": [{"type": "function"}]}, "tools[0].function", "Field required"),
         ({"frobnicate": 1}, "frobnicate", "unrecognized"),
         ({"temperature": 7}, "temperature", "less than or equal to 2"),
         ({"messages": []}, "messages", "at least 1"),
