@@ -105,6 +105,26 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorBody, "description": _ERROR_MEANINGS[status]} for status in statuses}
 
 
+_BY_STATUS: dict[int, type[ApiError]] = {400: BadRequest, 401: Unauthorized, 404: NotFound, 413: BodyTooLarge,
+                                          429: TooManyRequests, 503: NotReady}  # fmt: skip
+
+
+def worker_error_body(status: int, body: Any) -> dict[str, Any]:
+    """A worker's error reply in this gateway's OpenAI shape: its message and param kept, the type
+    of its status, and a string code (vLLM's server writes the HTTP status there; a context
+    overflow, which vLLM and OpenAI both word "maximum context length", is ``context_length_exceeded``)."""
+    error = body.get("error") if isinstance(body, dict) else None
+    fields = error if isinstance(error, dict) else {}
+    message = str(fields.get("message") or (body if isinstance(body, str) else f"the worker answered {status}"))
+    kind = _BY_STATUS.get(status, BadRequest if 400 <= status < 500 else InternalError)
+    code = fields.get("code")
+    if not isinstance(code, str):
+        code = "context_length_exceeded" if "maximum context length" in message else kind.default_code
+    param = fields.get("param")
+    return {"error": {"message": message, "type": kind.type, "param": param if isinstance(param, str) else None,
+                      "code": code}}  # fmt: skip
+
+
 def to_api_error(exc: BaseException) -> ApiError:
     """The single mapping from any exception to the error the client sees."""
     if isinstance(exc, ApiError):

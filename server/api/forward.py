@@ -42,7 +42,7 @@ from server.api.fanout import until_disconnected
 from server.api.guards import replay
 from server.api.serving import DECIDED
 from server.engines.base import EngineError, Forwarded, Forwarding
-from server.errors import BadRequest, error_response, sse_error, to_api_error
+from server.errors import BadRequest, error_response, sse_error, to_api_error, worker_error_body
 from server.routing import Decision, RouteRequest
 from server.services import Services
 
@@ -241,6 +241,9 @@ class Relay:
         self.status = answer.status
         if answer.status == 200:
             content = self._whole(content)
+        else:
+            content = _worker_error(answer.status, content)
+            headers["content-type"] = "application/json"
         await Response(content, status_code=answer.status, headers=headers)(scope, receive, send)
 
     def _whole(self, content: bytes) -> bytes:
@@ -341,3 +344,12 @@ async def sse_data(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             lines = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
             if lines:
                 yield b"\n".join(lines)
+
+
+def _worker_error(status: int, content: bytes) -> bytes:
+    """A worker's error reply, its message kept, in the gateway's OpenAI shape."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        body = content.decode("utf-8", "replace")[:500]
+    return json.dumps(worker_error_body(status, body), ensure_ascii=False).encode()

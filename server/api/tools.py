@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -65,7 +65,9 @@ ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 class ToolFields(BaseModel):
     """The request fields of tools (mixed into the chat request)."""
 
-    tools: list[ChatTool] | None = Field(default=None, description="functions the model may call")
+    tools: Annotated[list[ChatTool], Field(min_length=1)] | None = Field(
+        default=None, description="functions the model may call (at least one, as OpenAI requires)"
+    )
     tool_choice: ToolChoice | None = Field(
         default=None, description="none, auto (the default with tools), required, or a named function"
     )

@@ -51,10 +51,6 @@ REMOTE_TIER = "large"
 # The tier pool's metrics (replicas, scale events, restarts, reserved memory) exist for the sizes it
 # manages (engine: vllm or remote), not for sizes on the in-process engine.
 POOL_METRICS = re.compile(r"boomerang_(replicas|replica_restarts|scale_events|pool_)")
-# Series the gateway does not export yet for remote sizes: the remote engine's token events from a
-# boomerang worker carry text but no token ids, and the API layer times tokens by their ids.
-# test_remote_sizes_have_token_latencies fails (strict xfail) once this is fixed: then drop it.
-REMOTE_GAPS = re.compile(r"boomerang_(time_to_first_token|inter_token_latency)_seconds")
 
 
 # --- what the files say -------------------------------------------------------------------------
@@ -245,8 +241,6 @@ def _check(live: Live, expr: str, sizeless: bool = False) -> None:
         assert series, f"no series: {expr}"
         return
     sizes = live.pool_sizes if POOL_METRICS.search(expr) else live.sizes
-    if REMOTE_GAPS.search(expr):
-        sizes = [size for size in sizes if size not in live.pool_sizes]
     missing = set(sizes) - {s["metric"].get("size") for s in series}
     assert not missing, f"no series for sizes {sorted(missing)} (of {sizes}): {expr}\n{series}"
 
@@ -276,7 +270,6 @@ def test_every_pool_query_gives_every_pool_managed_size(live: Live) -> None:
 
 
 @pytest.mark.server
-@pytest.mark.xfail(strict=True, reason="remote sizes: token events without ids, so no TTFT or inter-token series")
 def test_remote_sizes_have_token_latencies(live: Live) -> None:
     for metric in ("boomerang_time_to_first_token_seconds_count", "boomerang_inter_token_latency_seconds_count"):
         assert {s["metric"]["size"] for s in live.query(metric)} >= set(live.pool_sizes), metric
