@@ -5,12 +5,14 @@ written with ``tests/server/deploys.py``."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import pytest
 
 from boomerang_core.family import Family
 from boomerang_core.store import LayerStore
-from tests.server.deploys import FAMILY, TinyFamilyDirs
+from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
+from tests.server.live import Server, launch, serving
 from tests.tiny import write_pair
 
 DOMINATED = ("k1", "k2")
@@ -24,3 +26,17 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> TinyFamilyDirs:
     family.sizes = [dataclasses.replace(s, dominated=s.name in DOMINATED) for s in family.sizes]
     family.save(student)
     return TinyFamilyDirs(teacher, student)
+
+
+@pytest.fixture(scope="module")
+def tiny_server(
+    tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Server]:
+    """A live server of the tiny family with the default deploy file (no limits set: vLLM's
+    defaults) and the test key, one per test module."""
+    name = request.module.__name__.rpartition(".")[2]
+    tmp = tmp_path_factory.mktemp(name)
+    config = deploy_dict(tiny_dirs, auth={"api_key_env": "TINY_SERVER_KEY"})
+    started = launch(write_deploy(tmp / f"{name}.yaml", config), tmp / f"{name}.log")
+    with serving(started):
+        yield started

@@ -6,7 +6,6 @@ A real server in a subprocess, the real ``openai`` client and plain HTTP for wha
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -18,8 +17,8 @@ from boomerang_core.family import Family
 from server.api.common import LOGPROB_FLOOR, finite_logprob
 from server.config import parse_config
 from server.services import load_family
-from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
-from tests.server.live import KEY, PROMPTS, Server, launch, serving
+from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict
+from tests.server.live import KEY, PROMPTS, Server
 
 pytestmark = pytest.mark.server
 
@@ -29,12 +28,8 @@ CONTEXT = 512  # the tiny models' max_position_embeddings
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("surface")
-    config = deploy_dict(tiny_dirs, auth={"api_key_env": "TINY_SERVER_KEY"})  # no limits: vLLM's defaults
-    started = launch(write_deploy(tmp / "surface.yaml", config), tmp / "surface.log")
-    with serving(started):
-        yield started
+def server(tiny_server: Server) -> Server:
+    return tiny_server
 
 
 @pytest.fixture(scope="module")

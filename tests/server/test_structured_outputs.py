@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import httpx
@@ -18,8 +17,8 @@ from pydantic import BaseModel, Field
 from boomerang_core.family import Family
 from server.config import parse_config
 from server.services import load_family
-from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
-from tests.server.live import KEY, Server, launch, serving
+from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict
+from tests.server.live import KEY, Server
 
 pytestmark = pytest.mark.server
 
@@ -46,12 +45,8 @@ class Person(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("structured")
-    config = deploy_dict(tiny_dirs, auth={"api_key_env": "TINY_SERVER_KEY"})
-    started = launch(write_deploy(tmp / "structured.yaml", config), tmp / "structured.log")
-    with serving(started):
-        yield started
+def server(tiny_server: Server) -> Server:
+    return tiny_server
 
 
 @pytest.fixture(scope="module")

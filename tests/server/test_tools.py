@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -17,8 +16,8 @@ import pytest
 from server.api.chat import ChatCompletionRequest, ChatMessage, Delta, chat_prompt
 from server.api.tools import ToolCalling, ToolStream
 from server.errors import BadRequest
-from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
-from tests.server.live import KEY, Server, launch, serving
+from tests.server.deploys import FAMILY
+from tests.server.live import KEY, Server
 from tests.tiny import tiny_tokenizer
 
 pytest.importorskip("vllm")  # the parser is vLLM's
@@ -162,12 +161,8 @@ def test_tools_a_tokenizer_cannot_encode_are_a_400() -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dirs: TinyFamilyDirs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("tools")
-    config = deploy_dict(tiny_dirs, auth={"api_key_env": "TINY_SERVER_KEY"})
-    started = launch(write_deploy(tmp / "tools.yaml", config), tmp / "tools.log")
-    with serving(started):
-        yield started
+def server(tiny_server: Server) -> Server:
+    return tiny_server
 
 
 def post(server: Server, path: str, body: dict[str, Any]) -> httpx.Response:
