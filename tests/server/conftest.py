@@ -11,6 +11,8 @@ import pytest
 
 from boomerang_core.family import Family
 from boomerang_core.store import LayerStore
+from server.config import parse_config
+from server.services import load_family
 from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict, write_deploy
 from tests.server.live import Server, launch, serving
 from tests.tiny import write_pair
@@ -40,3 +42,9 @@ def tiny_server(
     started = launch(write_deploy(tmp / f"{name}.yaml", config), tmp / f"{name}.log")
     with serving(started):
         yield started
+
+
+@pytest.fixture(scope="module")
+def family(tiny_dirs: TinyFamilyDirs) -> Family:
+    """The tiny family as the server loads it from its default deploy file (a module may define its own)."""
+    return load_family(parse_config(deploy_dict(tiny_dirs)))

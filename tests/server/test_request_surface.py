@@ -15,9 +15,7 @@ import torch
 from boomerang_core.assemble import build
 from boomerang_core.family import Family
 from server.api.common import LOGPROB_FLOOR, finite_logprob
-from server.config import parse_config
-from server.services import load_family
-from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict
+from tests.server.deploys import FAMILY
 from tests.server.live import KEY, PROMPTS, Server
 
 pytestmark = pytest.mark.server
@@ -30,11 +28,6 @@ CONTEXT = 512  # the tiny models' max_position_embeddings
 @pytest.fixture(scope="module")
 def server(tiny_server: Server) -> Server:
     return tiny_server
-
-
-@pytest.fixture(scope="module")
-def family(tiny_dirs: TinyFamilyDirs) -> Family:
-    return load_family(parse_config(deploy_dict(tiny_dirs)))
 
 
 def post(server: Server, path: str, body: dict[str, Any], **headers: str) -> httpx.Response:

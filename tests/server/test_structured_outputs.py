@@ -15,9 +15,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from boomerang_core.family import Family
-from server.config import parse_config
-from server.services import load_family
-from tests.server.deploys import FAMILY, TinyFamilyDirs, deploy_dict
+from tests.server.deploys import FAMILY
 from tests.server.live import KEY, Server
 
 pytestmark = pytest.mark.server
@@ -47,11 +45,6 @@ class Person(BaseModel):
 @pytest.fixture(scope="module")
 def server(tiny_server: Server) -> Server:
     return tiny_server
-
-
-@pytest.fixture(scope="module")
-def family(tiny_dirs: TinyFamilyDirs) -> Family:
-    return load_family(parse_config(deploy_dict(tiny_dirs)))
 
 
 def json_schema_format(schema: dict[str, Any]) -> dict[str, Any]:
