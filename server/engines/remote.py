@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 class RemoteEngine(Engine, Forwarding):
     """One size at ``url``. ``start_timeout_s``: how long :meth:`start` waits for a healthy worker;
-    ``health_interval_s``: seconds between health checks; ``timeout_s``: per-read timeout of a stream."""
+    ``health_interval_s``: seconds between health checks, ``health_timeout_s``: how long one waits for
+    its answer; ``timeout_s``: per-read timeout of a stream."""
 
     def __init__(
         self,
@@ -49,6 +50,7 @@ class RemoteEngine(Engine, Forwarding):
         *,
         start_timeout_s: float = 60.0,
         health_interval_s: float = 5.0,
+        health_timeout_s: float = 5.0,
         timeout_s: float = 300.0,
         api_key: str | None = None,
     ) -> None:
@@ -56,6 +58,7 @@ class RemoteEngine(Engine, Forwarding):
         self.size = size
         self.start_timeout_s = start_timeout_s
         self.health_interval_s = health_interval_s
+        self.health_timeout_s = health_timeout_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=5.0),
                                          headers=headers)  # fmt: skip
@@ -110,11 +113,11 @@ class RemoteEngine(Engine, Forwarding):
     async def _check(self) -> bool:
         """Health and, the first time, the worker's model name (``family:size`` or vLLM's served name)."""
         try:
-            health = await self._client.get("/health", timeout=5.0)
+            health = await self._client.get("/health", timeout=self.health_timeout_s)
             if health.status_code != 200:
                 raise EngineError(f"/health answered {health.status_code}")
             if self._model is None:
-                models = (await self._client.get("/v1/models", timeout=5.0)).json()["data"]
+                models = (await self._client.get("/v1/models", timeout=self.health_timeout_s)).json()["data"]
                 ids = [m["id"] for m in models if m.get("loaded", True)]  # a boomerang worker lists every size
                 named = [i for i in ids if i.lower().endswith(f":{self.size.lower()}")]
                 self._is_vllm = any(m.get("owned_by") == "vllm" for m in models)

@@ -8,7 +8,9 @@ CUDA allocation on CUDA), and then talks to it as a :class:`RemoteEngine` (reque
 health). It owns the process: the worker's output goes to this log with the replica's name as
 prefix; a worker that exits (a crash, ``kill -9``) or misses ``health_misses`` health checks in a
 row (hung) is unhealthy, and :class:`~server.pool.tiers.TierPool` replaces it; stop is SIGTERM,
-a grace period, then SIGKILL, to the worker's whole process group (vLLM's engine core included).
+a grace period, then SIGKILL, to the worker's whole process group (vLLM's engine core included);
+a hung worker gets SIGKILL at once, before its open streams are closed on this side, so that they
+fail (and the pool retries those that had no token yet).
 
 On CPU, each worker binds its OpenMP threads to its own share of the cores (:class:`CpuCores`);
 the KV cache is ``--kv-cache-memory-bytes`` (exact bytes: ``VLLM_CPU_KVCACHE_SPACE`` takes whole
@@ -118,7 +120,8 @@ def free_port() -> int:
 
 class VllmWorker(RemoteEngine):
     """One vLLM server process for one size; :meth:`start` takes ~25 s on CPU (two processes import
-    vLLM). ``health_misses``: failed health checks in a row that make a live process unhealthy."""
+    vLLM). Health: a check every ``health_interval_s``, answered within ``health_timeout_s``;
+    ``health_misses`` failed checks in a row make a live process unhealthy (hung)."""
 
     def __init__(
         self,
@@ -130,6 +133,7 @@ class VllmWorker(RemoteEngine):
         cores: CpuCores | None = None,
         start_timeout_s: float = 600.0,
         health_interval_s: float = 2.0,
+        health_timeout_s: float = 5.0,
         health_misses: int = 3,
         stop_grace_s: float = 20.0,
     ) -> None:
@@ -143,7 +147,7 @@ class VllmWorker(RemoteEngine):
         self.health_misses = health_misses
         self.stop_grace_s = stop_grace_s
         super().__init__(f"http://127.0.0.1:{self.port}", size, start_timeout_s=start_timeout_s,
-                         health_interval_s=health_interval_s)  # fmt: skip
+                         health_interval_s=health_interval_s, health_timeout_s=health_timeout_s)  # fmt: skip
         self.proc: asyncio.subprocess.Process | None = None
         self._dir: Path | None = None
         self._share: tuple[int, ...] | None = None
@@ -273,12 +277,24 @@ class VllmWorker(RemoteEngine):
         return alive and self._exit is None and super().healthy()
 
     @property
+    def hung(self) -> bool:
+        """The process runs but has missed ``health_misses`` health checks in a row."""
+        alive = self.proc is not None and self.proc.returncode is None
+        return alive and self._exit is None and self._misses >= self.health_misses
+
+    @property
     def failure(self) -> str | None:
         if self._exit is not None:
             return f"the process ended ({self._exit})"
         return None if self.healthy() else self._last_error
 
     async def stop(self) -> None:
+        if self.proc is not None and self.hung:
+            # no grace for a hung worker (a stopped process never handles SIGTERM), and killed before the
+            # client closes, so that the streams still open on it end as failed and the pool retries the
+            # ones that got no token yet
+            log.warning("[%s] hung (%d health checks missed); killing it", self.replica_id, self._misses)
+            await self._end_process(self.proc, grace_s=0.0)
         with contextlib.suppress(Exception):
             await super().stop()
         if self.proc is not None:
@@ -295,15 +311,16 @@ class VllmWorker(RemoteEngine):
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 
-    async def _end_process(self, proc: asyncio.subprocess.Process) -> None:
-        """SIGTERM to the worker's process group, ``stop_grace_s`` to exit, then SIGKILL (the group:
-        vLLM's engine core outlives a killed API server otherwise)."""
-        if proc.returncode is None:
+    async def _end_process(self, proc: asyncio.subprocess.Process, grace_s: float | None = None) -> None:
+        """SIGTERM to the worker's process group, ``grace_s`` (default ``stop_grace_s``; 0: none) to
+        exit, then SIGKILL (the group: vLLM's engine core outlives a killed API server otherwise)."""
+        grace_s = self.stop_grace_s if grace_s is None else grace_s
+        if proc.returncode is None and grace_s > 0:
             _signal_group(proc.pid, signal.SIGTERM)
             try:
-                await asyncio.wait_for(proc.wait(), timeout=self.stop_grace_s)
+                await asyncio.wait_for(proc.wait(), timeout=grace_s)
             except TimeoutError:
-                log.warning("[%s] did not stop in %g s; killing it", self.replica_id, self.stop_grace_s)
+                log.warning("[%s] did not stop in %g s; killing it", self.replica_id, grace_s)
         _signal_group(proc.pid, signal.SIGKILL)  # whatever is left of the group
         with contextlib.suppress(ProcessLookupError):
             await proc.wait()
