@@ -23,12 +23,20 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from boomerang_core.alignment import STUDENT_CONFIG_FILE, StudentSpec
-from boomerang_core.data import corpus_texts, token_blocks
-from boomerang_core.distill import CHECKPOINTS, RECIPE_FILE, DistillConfig, distill
+from boomerang_core.build import (  # noqa: F401  (re-exported: the demo's calibration and search settings)
+    CALIB_BLOCKS,
+    SEARCH_CALIB_BLOCKS,
+    SEARCH_K_BEST,
+    BuildStatus,
+    build_family,
+    calibration_blocks,
+    finished_student,
+    search_seeds,
+    searched_family,
+)
+from boomerang_core.distill import RECIPE_FILE, DistillConfig
 from boomerang_core.errors import ModelNotFound
 from boomerang_core.family import FAMILY_FILE, Family
-from boomerang_core.plan import SizePlan, enumerate_plans, patch_order, plan_for_patched
 from boomerang_core.store import LayerStore
 
 if TYPE_CHECKING:
@@ -114,51 +122,44 @@ DEMO_RECIPE = DistillConfig(
     learning_rate=DEMO_LR,
     save_steps=10,
 )
-CALIB_BLOCKS = 4  # 4 x 256 calibration tokens for the KLPatch order
-SEARCH_CALIB_BLOCKS = 8  # 8 x 256 for the search's KL ranking (the same text, plus as much again)
-
 
 # Bump when the way the served family is chosen changes: a cached family.json of an older version
 # is searched again (the distilled student is kept).
 DEMO_FAMILY_VERSION = 2
-SEARCH_K_BEST = 2  # DP proposals scored per layer count (k=2 found the same front as k=3 here)
 
 
-def ensure_demo(cache_dir: str | Path | None = None, progress: bool = True) -> Path:
+def ensure_demo(cache_dir: str | Path | None = None, progress: bool = True, status: BuildStatus | None = None) -> Path:
     """Make the demo family ready in the cache and return its directory (the student's, holding
     ``family.json``). Idempotent: converts the teacher, distils the student (resuming an
-    interrupted run) and searches the served sizes only where they are missing or stale."""
+    interrupted run) and searches the served sizes only where they are missing or stale.
+    ``status``: where the stages are reported (:mod:`boomerang_core.build`)."""
     teacher = ensure_teacher(cache_dir, progress)
     student = demo_dir(cache_dir) / "student"
-    if not _finished(student):
-        distill(teacher, student, DEMO_RECIPE, progress=progress)
-    elif progress and not _current_family(student) and not _student_matches_recipe(student):
+    if _current_family(student):
+        return student
+    if finished_student(student) and progress and not _student_matches_recipe(student):
         print(
             f"note: the cached demo student in {student} was distilled with another recipe than this version's; "
             "it is kept. Remove that directory to distil it again (about 25 minutes on 2 CPU cores)."
         )
-    if _finished(student):  # the resume state of a finished run (optimizer included: ~1.7 GB) goes
-        shutil.rmtree(student / CHECKPOINTS, ignore_errors=True)
-    if _current_family(student):
-        return student
-    store = LayerStore.load(teacher, student)
-    family = demo_family_from_store(store, progress=progress)
-    if (student / RECIPE_FILE).is_file():  # the recipe this student was really distilled with
-        family.info["recipe"] = json.loads((student / RECIPE_FILE).read_text())
-    family.save(student)
+    build_family(teacher, student, DEMO_RECIPE, name=DEMO_NAME, status=status, progress=progress, info=DEMO_INFO)
     return student
 
 
-def _finished(student: Path) -> bool:
-    return (student / "model.safetensors").is_file() and (student / STUDENT_CONFIG_FILE).is_file()
+DEMO_INFO = {"teacher": "SmolLM2-135M-Instruct", "demo_family_version": DEMO_FAMILY_VERSION}
 
 
 def _current_family(student: Path) -> bool:
     """A finished student with a family.json chosen the way this version chooses it."""
     file = student / FAMILY_FILE
-    if not (_finished(student) and file.is_file()):
+    if not (finished_student(student) and file.is_file()):
         return False
     return bool(json.loads(file.read_text()).get("info", {}).get("demo_family_version") == DEMO_FAMILY_VERSION)
+
+
+def demo_ready(cache_dir: str | Path | None = None) -> bool:
+    """The demo family is built and current: serving it needs no build."""
+    return _current_family(demo_dir(cache_dir) / "student")
 
 
 def _student_matches_recipe(student: Path) -> bool:
@@ -172,37 +173,11 @@ def _student_matches_recipe(student: Path) -> bool:
 
 
 def demo_family_from_store(store: LayerStore, progress: bool = True) -> Family:
-    """The demo family over ``store``: the Pareto front of every plan the resident layers express
-    (:mod:`boomerang_core.quality.search`), seeded with the KLPatch order, the ``last`` and ``first`` orders
-    and every one-block patching, all scored on the calibration split (the lowest perplexity wins
-    at each layer count). One size per layer count from the student's to the teacher's, named
-    ``l<layers>``; a size no better than a smaller one is marked dominated and never routed to."""
-    from boomerang_core.quality.klpatch import klpatch_order
-    from boomerang_core.quality.search import search
-
-    assert store.tokenizer is not None and store.spec is not None
-    calib_ids = calibration_blocks(store)
-    kl_order = klpatch_order(store, calib_ids[:CALIB_BLOCKS], progress=progress)
-    seeds = search_seeds(store.spec, kl_order)
-    result = search(store, calib_ids, k_best=SEARCH_K_BEST, seeds=seeds, progress=progress)
-    return demo_family_from_search(store, result, kl_order, int(calib_ids.numel()))
-
-
-def calibration_blocks(store: LayerStore, blocks: int = SEARCH_CALIB_BLOCKS) -> torch.Tensor:
-    """The calibration split's first ``blocks`` x 256 tokens (disjoint from the held-out text)."""
-    assert store.tokenizer is not None
-    _, _, calib = corpus_texts(DistillConfig().corpus)
-    return token_blocks(store.tokenizer, calib, 256, max_blocks=blocks)
-
-
-def search_seeds(spec: StudentSpec, kl_order: Sequence[int]) -> list[SizePlan]:
-    """Plans the search scores besides the DP's proposals: every size of the KL, ``last`` and
-    ``first`` orders, and the student with any one block patched (where the DP is weakest)."""
-    return [
-        *enumerate_plans(spec, kl_order, origin="klpatch"),
-        *(p for o in ("last", "first") for p in enumerate_plans(spec, patch_order(spec, o), origin=o)),
-        *(plan_for_patched(spec, [b], origin="one-block") for b in range(spec.num_student_layers)),
-    ]
+    """The demo family over ``store``, searched as every built family is
+    (:func:`boomerang_core.build.searched_family`), with the demo's recipe and version recorded."""
+    family = searched_family(store, DEMO_NAME, progress=progress)
+    family.info.update({"recipe": DEMO_RECIPE.to_dict(), **DEMO_INFO})
+    return family
 
 
 def demo_family_from_search(
@@ -211,17 +186,9 @@ def demo_family_from_search(
     """The served demo family from a search result: dominance by calibration perplexity (no held-out text)."""
     from boomerang_core.quality.search import family_from_search
 
-    family = family_from_search(
-        DEMO_NAME, store, result, k_best=SEARCH_K_BEST, tokens={"calib": calib_tokens, "heldout": 0}
-    )
-    family.info.update(
-        {
-            "teacher": "SmolLM2-135M-Instruct",
-            "recipe": DEMO_RECIPE.to_dict(),
-            "patch_order": list(kl_order),
-            "demo_family_version": DEMO_FAMILY_VERSION,
-        }
-    )
+    tokens = {"calib": calib_tokens, "heldout": 0}
+    family = family_from_search(DEMO_NAME, store, result, k_best=SEARCH_K_BEST, tokens=tokens)
+    family.info.update({"recipe": DEMO_RECIPE.to_dict(), "patch_order": list(kl_order), **DEMO_INFO})
     return family
 
 

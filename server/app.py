@@ -10,22 +10,25 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.middleware.cors import CORSMiddleware
 
-from server.api import chat, completions, health, models, tokenize
+from server.api import admin, chat, completions, health, models, tokenize
 from server.api.forward import Forwarder
 from server.api.guards import DrainGuard, RequestGuard
 from server.api.request_id import RequestIdHeader
-from server.config import DeployConfig
-from server.engines.factory import EngineFactory, build_engine
+from server.config import ConfigError, DeployConfig, load_config
+from server.engines.factory import EngineFactory
 from server.errors import install_error_handlers
 from server.metrics import GatewayMetrics
-from server.services import FamilyLoader, Services, load_family
+from server.services import FamilyLoader, ReloadRefused, Services, load_family
+
+log = logging.getLogger("boomerang.server")
 
 
 def create_app(
@@ -33,21 +36,32 @@ def create_app(
     *,
     family_loader: FamilyLoader = load_family,
     engine_factory: EngineFactory | None = None,
+    config_path: str | None = None,
 ) -> FastAPI:
     """The gateway app. ``family_loader`` and ``engine_factory`` are seams for tests; the defaults
-    load the configured family and build the engines its deploy file names (:func:`build_engine`)."""
-    services = Services(config=settings, metrics=GatewayMetrics())
-    make_engine = engine_factory or functools.partial(build_engine, registry=services.metrics.registry)
+    load the configured family (building it in the background while its teacher serves, when it is
+    not built yet) and build the engines its deploy file names (:func:`build_engine`). ``config_path``:
+    the deploy file a reload (SIGHUP, ``POST /admin/reload``) reads again; None: ``settings`` again."""
+    services = Services(
+        config=settings,
+        metrics=GatewayMetrics(),
+        load=family_loader,
+        make_engine=engine_factory,
+        config_source=(lambda: load_config(config_path)) if config_path is not None else None,
+        builds=family_loader is load_family,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.services = services
         redactor = QueryRedactor()
         logging.getLogger("uvicorn.access").addFilter(redactor)
-        bring_up = asyncio.create_task(services.bring_up(family_loader, make_engine))
+        bring_up = asyncio.create_task(services.bring_up())
+        hangup = _on_sighup(services)
         try:
             yield
         finally:
+            hangup()
             logging.getLogger("uvicorn.access").removeFilter(redactor)
             bring_up.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -57,7 +71,7 @@ def create_app(
     app = FastAPI(title="boomerang", version="0.1.0", lifespan=lifespan)
     app.state.services = services
     install_error_handlers(app)
-    for module in (chat, completions, tokenize, models, health):
+    for module in (chat, completions, tokenize, models, health, admin):
         app.include_router(module.router)
     app.openapi = functools.partial(openapi_schema, app, keyed=settings.auth.resolved_key() is not None)  # type: ignore[method-assign]
     app.add_middleware(Forwarder, services=services)  # inside the guards: requests it forwards are checked first
@@ -72,6 +86,35 @@ def create_app(
     app.add_middleware(DrainGuard, drain=services.drain)  # counts requests in flight, answers while draining
     app.add_middleware(RequestIdHeader)  # outermost: every response, the guards' too, carries X-Request-Id
     return app
+
+
+def _on_sighup(services: Services) -> Callable[[], None]:
+    """SIGHUP reloads the family live (as ``POST /admin/reload``); returns the undo. Only where the
+    loop runs in the main thread (``boomerang serve``), as signal handlers must."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        if services.live is None:
+            log.warning("SIGHUP ignored: the server is not serving yet")
+            return
+        with contextlib.suppress(ReloadRefused, ConfigError):  # logged on one line by the reload
+            await services.reload("SIGHUP")
+
+    def handle() -> None:
+        task = loop.create_task(reload())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, handle)
+    except (ValueError, RuntimeError, NotImplementedError):  # not the main thread (an in-process test client)
+        return lambda: None
+
+    def undo() -> None:
+        loop.remove_signal_handler(signal.SIGHUP)
+
+    return undo
 
 
 STREAM_CHUNKS = (chat.ChatCompletionChunk, completions.CompletionChunk)

@@ -11,6 +11,7 @@ Later sections (vLLM pools, autoscaling budgets, remote workers) slot in as new 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -56,6 +57,29 @@ class FamilyConfig(_Section):
         default=None,
         description="directory holding family.json (sizes chosen by `eval`); default: the student's, if present",
     )
+    distill: dict[str, Any] | None = Field(
+        default=None,
+        description="a recipe (DistillConfig fields) for a student that is not there yet: the teacher serves at "
+        "once while the student is distilled into `student` and its sizes searched in the background, then the "
+        "family is loaded live",
+    )
+
+    @field_validator("distill")
+    @classmethod
+    def _recipe(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        from boomerang_core.distill import DistillConfig
+
+        known = {f.name for f in dataclasses.fields(DistillConfig)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown recipe field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        try:
+            DistillConfig.from_dict(value).spec(1_000)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"not a valid recipe: {exc}") from None
+        return value
 
     @field_validator("device")
     @classmethod
@@ -133,6 +157,11 @@ class RoutingConfig(_Section):
     )
     correction_window: Annotated[int, Field(ge=1)] = Field(
         default=100, description="finished requests per engine that the latency correction is measured over"
+    )
+    missing_size: Literal["nearest", "error"] = Field(
+        default="nearest",
+        description="a request naming a size the family has not built yet, or one a reload removed: served by "
+        "the nearest served size (x-boomerang-size says which) or answered 404",
     )
     correction_window_s: Annotated[float, Field(gt=0)] = Field(
         default=60.0, description="... of those, only the ones finished in the last this many seconds"
@@ -216,6 +245,21 @@ class ServerConfig(_Section):
         return value
 
 
+class BuildConfig(_Section):
+    """The background build of a family that is not ready (the demo on first use, or a ``family.distill``
+    recipe): a child process at a lower CPU priority, so that serving keeps its latency."""
+
+    nice: Annotated[int, Field(ge=0, le=19)] = Field(
+        default=19, description="how much lower the build's CPU priority is than the server's"
+    )
+    threads: Annotated[int | None, Field(ge=1)] = Field(
+        default=None, description="torch threads of the build; null: torch's default (every core)"
+    )
+    status_file: str | None = Field(
+        default=None, description="where the build reports its stages; null: next to the student"
+    )
+
+
 class DeployConfig(_Section):
     """The whole deploy file. ``family: null`` (or no file at all) serves the demo family."""
 
@@ -227,6 +271,7 @@ class DeployConfig(_Section):
     auth: AuthConfig = AuthConfig()
     pool: PoolConfig = PoolConfig()
     server: ServerConfig = ServerConfig()
+    build: BuildConfig = BuildConfig()
 
     @field_validator("tiers")
     @classmethod

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from boomerang_core.errors import BoomerangError, ModelNotFound, SizeOutOfRange
 from server.engines.base import EngineError, QueueFull, RequestRejected
 from server.routing import BudgetUnmeetable, RoutingError, SizeConflict, UnknownModel, UnknownSize
-from server.services import NotServing
+from server.services import NotServing, ReloadRefused
 
 log = logging.getLogger("boomerang.server")
 
@@ -54,6 +54,14 @@ class Unauthorized(ApiError):
 
 class NotFound(ApiError):
     status, type, default_code = 404, "invalid_request_error", "model_not_found"
+
+
+class Forbidden(ApiError):
+    status, type, default_code = 403, "permission_error", "forbidden"
+
+
+class Conflict(ApiError):
+    status, type, default_code = 409, "invalid_request_error", "conflict"
 
 
 class BodyTooLarge(ApiError):
@@ -93,7 +101,9 @@ class ErrorBody(BaseModel):
 _ERROR_MEANINGS = {
     400: "invalid request: a field the server cannot honour, a limit exceeded, malformed JSON",
     401: "missing or wrong API key",
+    403: "an admin endpoint on a server without an API key",
     404: "no such model or size",
+    409: "a reload refused: the new family failed to load or its checks; the current one keeps serving",
     413: "request body above limits.max_body_bytes",
     429: "queue full, or no size meets the latency and memory budgets",
     503: "still loading, shutting down, or the engine serving the size has failed",
@@ -139,6 +149,8 @@ def to_api_error(exc: BaseException) -> ApiError:
         return NotReady(f"the engine could not serve this request: {exc}", code="engine_error")
     if isinstance(exc, NotServing):
         return NotReady(str(exc), code=exc.code)
+    if isinstance(exc, ReloadRefused):
+        return Conflict(f"the reload was refused and the current family keeps serving: {exc}", code="reload_refused")
     if isinstance(exc, UnknownModel):
         return NotFound(str(exc), param=exc.param)
     if isinstance(exc, UnknownSize):

@@ -7,11 +7,13 @@ the engines, so they can never drift from what the engines report.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from server.engines.base import Engine
+from server.pool.metrics import PoolMetrics
 
 NO_SIZE = "none"
 
@@ -69,6 +71,28 @@ class GatewayMetrics:
         self.size_weight_bytes = Gauge(
             "boomerang_size_weight_bytes", "Weight bytes a size would hold as its own checkpoint", ["size"], registry=r
         )
+        self.build_stage = Gauge(
+            "boomerang_family_build_stage", "1 for the stage the family's background build is in", ["stage"], registry=r
+        )
+        self.build_progress = Gauge(
+            "boomerang_family_build_progress", "Fraction of the family's background build done", registry=r
+        )
+        self.build_eta = Gauge(
+            "boomerang_family_build_eta_seconds", "Seconds the family's background build expects to need", registry=r
+        )
+        self.reloads = Counter(
+            "boomerang_family_reloads", "Family loads after the first, by result (swapped or refused)", ["result"],
+            registry=r,
+        )  # fmt: skip
+        self._pool: PoolMetrics | None = None
+
+    @property
+    def pool(self) -> PoolMetrics:
+        """The tier pool's metrics on this registry, made once: every family the process loads reports
+        to the same series."""
+        if self._pool is None:
+            self._pool = PoolMetrics(self.registry)
+        return self._pool
 
     # --- request boundary ---------------------------------------------------------------------
 
@@ -109,6 +133,19 @@ class GatewayMetrics:
         self.resident_weight_bytes.set(resident_bytes)
         for size, nbytes in size_bytes.items():
             self.size_weight_bytes.labels(size).set(nbytes)
+
+    def build(self, stage: str, stages: list[str], progress: float, eta_s: float | None) -> None:
+        for name in {*stages, "done", "failed", stage}:
+            self.build_stage.labels(name).set(1 if name == stage else 0)
+        self.build_progress.set(progress)
+        self.build_eta.set(eta_s if eta_s is not None else float("nan"))
+
+    def forget_sizes(self, sizes: list[str]) -> None:
+        """Drop the live gauges of sizes a reload removed (their counters and histograms stay)."""
+        for size in sizes:
+            for gauge in (self.size_loaded, self.running, self.waiting, self.size_weight_bytes):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(size)
 
     def refresh(self, engines: Mapping[str, Engine], all_sizes: list[str]) -> None:
         """Live gauges from the engines (``engines`` maps size name -> engine serving it)."""

@@ -129,6 +129,7 @@ class Router:
         typical_tokens: int,
         on_decision: Callable[[str | None, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        absent: Callable[[], Mapping[str, tuple[int, str]]] | None = None,
     ) -> None:
         self.family = family
         self.tiers = {name.lower(): size for name, size in tiers.items()}
@@ -138,6 +139,8 @@ class Router:
         self.typical_tokens = typical_tokens
         self.on_decision = on_decision or (lambda size, reason: None)
         self.clock = clock
+        # size names the family does not serve now -> (their layers, why): still building, or removed by a reload
+        self.absent = absent or dict
         # id(engine) -> (finish time, actual / predicted) of its last requests
         self._ratios: dict[int, deque[tuple[float, float]]] = {}
 
@@ -169,7 +172,14 @@ class Router:
         try:
             wanted = self.family.resolve(key)
         except SizeOutOfRange as exc:
-            raise UnknownSize(f"{exc}. {self._served_text(loaded)}", param="size") from None
+            missing = self.absent().get(key)
+            if missing is None:
+                raise UnknownSize(f"{exc}. {self._served_text(loaded)}", param="size") from None
+            layers, why = missing
+            if self.config.missing_size == "error" or not loaded:
+                raise UnknownSize(f"size {key} is not served now: {why}. {self._served_text(loaded)}",
+                                  param="size") from None  # fmt: skip
+            return self.nearest(layers)
         if wanted in loaded:
             return wanted
         if key == wanted.name:
@@ -180,6 +190,11 @@ class Router:
         if not below:
             raise UnknownSize(f"no loaded size is at most '{text}'. {self._served_text(loaded)}", param="size")
         return below[-1]
+
+    def nearest(self, layers: int) -> FamilySize:
+        """The served size whose layer count is nearest ``layers`` (the smaller one on a tie)."""
+        served = [s for s in self.loaded() if not s.dominated] or self.loaded()
+        return min(served, key=lambda s: (abs(s.num_layers - layers), s.num_layers))
 
     def _served_text(self, loaded: list[FamilySize]) -> str:
         names = ", ".join(f"{s.name} ({s.label})" for s in loaded) or "none"
@@ -297,6 +312,8 @@ class Router:
         budgets = req.max_latency_ms is not None or req.max_memory_gb is not None
         if text.lower() != AUTO:
             named = self.resolve(text)
+            if text.lower() in self.absent() and text.lower() not in self.tiers:
+                reason = "nearest"  # the size named is not served now (building, or removed by a reload)
             first = predict(named)
             if not budgets or self._fits(first, req.max_latency_ms, req.max_memory_gb):
                 return Decision(named, reason, first)

@@ -39,7 +39,7 @@ def serve(config_path: str | None, host: str = "127.0.0.1", port: int = 8000) ->
     returns the exit code. A bad deploy file raises :class:`server.config.ConfigError` before anything loads."""
     settings = load_config(config_path)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
+    app = create_app(settings, config_path=config_path)
     services = app.state.services
     server = GatewayServer(
         uvicorn_config(app, settings, host, port), services.drain, lambda: services.failure is not None

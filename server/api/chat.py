@@ -11,7 +11,6 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from boomerang_core.family import Family
 from server.api.common import (
     FinishReason,
     GenerationFields,
@@ -30,7 +29,7 @@ from server.api.serving import Generation, Prepared, serve
 from server.api.tools import ToolCalling, ToolFields, default_rendering, rendered_tools, template_takes_tools
 from server.engines.base import TokenLogprob
 from server.errors import BadRequest, error_responses
-from server.services import Services, ServicesDep
+from server.services import Live, ServicesDep
 
 router = APIRouter()
 ENDPOINT = "/v1/chat/completions"
@@ -67,6 +66,13 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     refusal: str | None = None
+    # What a reply's message carries and the openai client sends back with it (vLLM's replies have all
+    # of these): citations are ignored; the others name nothing this server can replay, so only null
+    annotations: list[dict[str, Any]] | None = None
+    audio: None = None
+    function_call: None = None
+    reasoning: None = None
+    reasoning_content: None = None
 
     @model_validator(mode="after")
     def _tool_result_names_its_call(self) -> ChatMessage:
@@ -354,29 +360,27 @@ class ChatGeneration(Generation):
     body: ChatCompletionRequest
     tools: ToolCalling | None = None
 
-    async def prepare(self, services: Services, family: Family) -> Prepared:
+    async def prepare(self, live: Live) -> Prepared:
         body = self.body
-        self.tools = await asyncio.to_thread(ToolCalling.of, body, services.tokenizer)
+        self.tools = await asyncio.to_thread(ToolCalling.of, body, live.tokenizer)
         prompt = await asyncio.to_thread(
-            chat_prompt, services.tokenizer, body.messages, add_generation_prompt=body.add_generation_prompt,
+            chat_prompt, live.tokenizer, body.messages, add_generation_prompt=body.add_generation_prompt,
             continue_final_message=body.continue_final_message, template_kwargs=body.chat_template_kwargs,
             tools=rendered_tools(body),
         )  # fmt: skip
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if requested == 0:
             raise BadRequest("max_tokens must be at least 1", param="max_tokens")
-        max_tokens = check_tokens(
-            services, family, [prompt], requested, services.config.limits.default_max_tokens, "messages"
-        )
+        max_tokens = check_tokens(live, [prompt], requested, live.config.limits.default_max_tokens, "messages")
         if body.top_logprobs is not None and not body.logprobs:
             raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        sampling = body.sampling(max_tokens, logprobs, len(services.tokenizer))
+        sampling = body.sampling(max_tokens, logprobs, len(live.tokenizer))
         if self.tools is not None:  # a call the model must make overrides response_format, as in vLLM
             structured = self.tools.structured or sampling.structured
             skip = sampling.skip_special_tokens and self.tools.skip_special_tokens  # <tool_call> may be special
             sampling = replace(sampling, structured=structured, skip_special_tokens=skip)
-        return Prepared([prompt], predicted_tokens(services, requested, max_tokens), sampling)
+        return Prepared([prompt], predicted_tokens(live, requested, max_tokens), sampling)
 
     def response(self, routed: Routed, choices: list[Choice]) -> dict[str, Any]:
         return _response(routed, choices, self.body.logprobs, echo_text(self.body), self.tools)

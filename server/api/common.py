@@ -18,7 +18,7 @@ from boomerang_core.family import Family, FamilySize
 from server.engines.base import GenerationRequest, SamplingParams, StructuredSpec
 from server.errors import BadRequest
 from server.routing import Decision, Router, RouteRequest
-from server.services import Services
+from server.services import Live
 
 # Known OpenAI fields this server cannot honour: a 400 naming the field, never a silent ignore.
 UNSUPPORTED = {
@@ -340,13 +340,12 @@ def context_length(family: Family) -> int:
 
 
 def check_tokens(
-    services: Services, family: Family, prompts: Sequence[Sequence[int]], max_tokens: int | None, default: int | None,
-    prompt_param: str,
-) -> int:  # fmt: skip
+    live: Live, prompts: Sequence[Sequence[int]], max_tokens: int | None, default: int | None, prompt_param: str
+) -> int:
     """Validate prompt lengths against the limits; return the max_tokens to use: the request's, or
     ``default``, or (None) the rest of the context, capped by ``limits.max_tokens``."""
-    limits = services.config.limits
-    context = context_length(family)
+    limits = live.config.limits
+    context = context_length(live.family)
     prompt_limit = min(limits.max_prompt_tokens or context, context)
     longest = max(len(p) for p in prompts)
     if any(len(p) == 0 for p in prompts):
@@ -373,25 +372,23 @@ def check_tokens(
     return max_tokens
 
 
-def predicted_tokens(services: Services, requested: int | None, max_tokens: int) -> int:
+def predicted_tokens(live: Live, requested: int | None, max_tokens: int) -> int:
     """The tokens the router predicts a request at: its own ``max_tokens``, or when it set none (and
     may run to the end of the context) ``routing.typical_tokens``."""
-    return max_tokens if requested is not None else min(max_tokens, services.config.routing.typical_tokens)
+    return max_tokens if requested is not None else min(max_tokens, live.config.routing.typical_tokens)
 
 
-def choice_limit(services: Services) -> int:
+def choice_limit(live: Live) -> int:
     """The most choices (n x prompts) one request may start: ``limits.max_n``, or what the local engine
     holds at once (every choice is admitted before the reply starts)."""
-    local = services.config.engines.local
-    return services.config.limits.max_n or local.max_batch_size + local.max_queue
+    local = live.config.engines.local
+    return live.config.limits.max_n or local.max_batch_size + local.max_queue
 
 
-def route(
-    services: Services, family: Family, router: Router, body: GenerationFields, prompts: Sequence[Sequence[int]],
-    max_tokens: int, prefix: str,
-) -> Routed:  # fmt: skip
+def route(live: Live, body: GenerationFields, prompts: Sequence[Sequence[int]], max_tokens: int, prefix: str) -> Routed:
     """Bind the request to the size the router chooses."""
-    limit = choice_limit(services)
+    router = live.router
+    limit = choice_limit(live)
     if body.n * len(prompts) > limit:
         raise BadRequest(f"n x prompts is {body.n * len(prompts)}; at most {limit}", param="n")
     size_text = router.size_text(body.model, None if body.size is None else str(body.size))
@@ -405,18 +402,18 @@ def route(
             n=body.n * len(prompts),
         )
     )
-    return routed_as(services, family, router, decision, prefix)
+    return routed_as(live, decision, prefix)
 
 
-def routed_as(services: Services, family: Family, router: Router, decision: Decision, prefix: str) -> Routed:
+def routed_as(live: Live, decision: Decision, prefix: str) -> Routed:
     """A request bound to the size ``decision`` chose, with a new id that starts with ``prefix``."""
     return Routed(
-        family=family,
+        family=live.family,
         decision=decision,
-        served_as=services.served_name(decision.size),
+        served_as=live.served_name(decision.size),
         request_id=f"{prefix}-{uuid.uuid4().hex}",
         created=int(time.time()),
-        router=router,
+        router=live.router,
     )
 
 

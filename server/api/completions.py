@@ -14,7 +14,6 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from boomerang_core.family import Family
 from server.api.common import (
     FinishReason,
     GenerationFields,
@@ -32,7 +31,7 @@ from server.api.fanout import Choice, Fanout
 from server.api.serving import Generation, Prepared, serve
 from server.engines.base import TokenLogprob
 from server.errors import BadRequest, error_responses
-from server.services import Services, ServicesDep
+from server.services import Live, ServicesDep
 
 router = APIRouter()
 ENDPOINT = "/v1/completions"
@@ -232,18 +231,18 @@ class CompletionGeneration(Generation):
         self.prompts: list[Prompt] = []
         self.tokenizer: Any = None
 
-    async def prepare(self, services: Services, family: Family) -> Prepared:
+    async def prepare(self, live: Live) -> Prepared:
         body = self.body
-        self.tokenizer = services.tokenizer
-        self.prompts = await asyncio.to_thread(read_prompts, services.tokenizer, body.prompt)
+        self.tokenizer = live.tokenizer
+        self.prompts = await asyncio.to_thread(read_prompts, live.tokenizer, body.prompt)
         if body.max_tokens == 0 and not body.echo:
             raise BadRequest("max_tokens must be at least 1 (0 is allowed only with echo)", param="max_tokens")
         ids = [p.ids for p in self.prompts]
         requested = None if body.max_tokens is None else max(body.max_tokens, 1)
-        max_tokens = check_tokens(services, family, ids, requested, DEFAULT_MAX_TOKENS, "prompt")
+        max_tokens = check_tokens(live, ids, requested, DEFAULT_MAX_TOKENS, "prompt")
         prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
-        sampling = body.sampling(max_tokens, body.logprobs, len(services.tokenizer), prompt_logprobs)
-        return Prepared(ids, predicted_tokens(services, requested, max_tokens), sampling)
+        sampling = body.sampling(max_tokens, body.logprobs, len(live.tokenizer), prompt_logprobs)
+        return Prepared(ids, predicted_tokens(live, requested, max_tokens), sampling)
 
     def response(self, routed: Routed, choices: list[Choice]) -> dict[str, Any]:
         return Formatter(routed, self.body, self.prompts, self.tokenizer).response(choices)

@@ -44,7 +44,7 @@ from server.api.serving import DECIDED
 from server.engines.base import EngineError, Forwarded, Forwarding
 from server.errors import BadRequest, error_response, sse_error, to_api_error, worker_error_body
 from server.routing import Decision, RouteRequest
-from server.services import Services
+from server.services import Live, Services
 
 GATEWAY_FIELDS = ("size", "max_latency_ms", "max_memory_gb")  # the gateway's own: never sent to a worker
 CHARS_PER_TOKEN = 4  # the prompt-length estimate for the latency prediction
@@ -84,30 +84,34 @@ class Forwarder:
         if payload is None or fields is None or self.services.problems():
             await self.app(scope, receive, send)  # answered as without a forwarder
             return
+        live = self.services.ready()  # the family this request uses to its end, even across a reload
         try:
-            decision = self._decide(payload, fields, endpoint)
+            decision = self._decide(live, payload, fields, endpoint)
         except Exception as exc:
             response = error_response(exc)
             self.services.metrics.finished(None, endpoint, response.status_code)
             await response(scope, receive, send)
             return
-        engine = self.services.engines.get(decision.size.name)
+        engine = live.engines.get(decision.size.name)
         if not (isinstance(engine, Forwarding) and engine.forwards(decision.size.name)):
-            scope[DECIDED] = decision
+            scope[DECIDED] = (live, decision)
             await self.app(scope, receive, send)
             return
-        family, router = self.services.ready()
-        routed = routed_as(self.services, family, router, decision, _ID_PREFIX[endpoint])
+        routed = routed_as(live, decision, _ID_PREFIX[endpoint])
         relay = Relay(self.services, routed, endpoint, payload, fields.stream)
-        await relay.run(engine, scope, receive, send)
+        leave = live.enter()
+        try:
+            await relay.run(engine, scope, receive, send)
+        finally:
+            leave()
 
     def _forwards_some_size(self) -> bool:
         return any(isinstance(e, Forwarding) and e.forwards(size) for size, e in self.services.engines.items())
 
-    def _decide(self, payload: dict[str, Any], fields: RouteFields, endpoint: str) -> Decision:
+    def _decide(self, live: Live, payload: dict[str, Any], fields: RouteFields, endpoint: str) -> Decision:
         """The size, from the gateway's fields and the gateway's limits on ``n`` and ``max_tokens``."""
-        _, router = self.services.ready()
-        limits = self.services.config.limits
+        router = live.router
+        limits = live.config.limits
         longest, prompts = prompt_estimate(payload)
         requested = fields.max_completion_tokens if fields.max_completion_tokens is not None else fields.max_tokens
         if requested is not None and limits.max_tokens is not None and requested > limits.max_tokens:
@@ -126,10 +130,10 @@ class Forwarder:
             n=fields.n * prompts,
         )
         decision = router.choose(request)
-        engine = self.services.engines.get(decision.size.name)
+        engine = live.engines.get(decision.size.name)
         forwarded = isinstance(engine, Forwarding) and engine.forwards(decision.size.name)
         # a worker holds its own choices: only the configured limit; the gateway's engines, what they hold
-        limit = limits.max_n if forwarded else choice_limit(self.services)
+        limit = limits.max_n if forwarded else choice_limit(live)
         if limit is not None and fields.n * prompts > limit:
             raise BadRequest(f"n x prompts is {fields.n * prompts}; at most {limit}", param="n")
         return decision

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -20,6 +20,9 @@ class Healthy(BaseModel):
     status: Literal["ok"]
     family: str
     sizes: list[str]
+    generation: int  # 0 for the family the process started with, one more per live reload
+    build: dict[str, Any] | None = None  # the family's background build: stage, progress, eta_s, pending_sizes
+    last_reload: dict[str, Any] | None = None
 
 
 class Unhealthy(BaseModel):
@@ -28,6 +31,7 @@ class Unhealthy(BaseModel):
     model_config = ConfigDict(extra="forbid")
     status: Literal["unavailable", "draining"]
     problems: list[str]
+    build: dict[str, Any] | None = None
 
 
 @router.get(
@@ -37,15 +41,21 @@ class Unhealthy(BaseModel):
 )
 async def health(services: ServicesDep) -> JSONResponse:
     problems = services.problems()
-    if problems:
-        body = {"status": "unavailable", "problems": problems}
-        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
-    assert services.family is not None
-    return JSONResponse({"status": "ok", "family": services.family.name, "sizes": sorted(services.engines)})
+    build = services.build.public() if services.build is not None else None
+    if problems or services.live is None:
+        down = {"status": "unavailable", "problems": problems, "build": build}
+        return JSONResponse(down, status_code=503, headers={"Retry-After": "5"})
+    live = services.live
+    body: dict[str, Any] = {
+        "status": "ok", "family": live.family.name, "sizes": sorted(live.engines), "generation": live.generation,
+        "build": build, "last_reload": services.last_reload,
+    }  # fmt: skip
+    return JSONResponse(body)
 
 
 @router.get("/metrics", response_class=PlainTextResponse, responses=error_responses(401))
 async def metrics(services: ServicesDep) -> Response:
-    if services.family is not None:
-        services.metrics.refresh(services.engines, [s.name for s in services.family.sizes])
+    live = services.live
+    if live is not None:
+        services.metrics.refresh(live.engines, [s.name for s in live.family.sizes])
     return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)

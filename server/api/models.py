@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel
@@ -29,15 +29,18 @@ class ModelCard(BaseModel):
     dominated: bool = False
     perplexity: float | None = None
     tiers: list[str] = []
+    status: Literal["ready", "building"] = "ready"  # building: the family's background build makes it
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+    build: dict[str, Any] | None = None  # the family's background build: stage, progress, eta_s, pending_sizes
 
 
 def model_cards(services: Services) -> list[ModelCard]:
-    family, router_ = services.ready()
+    live = services.ready()
+    family, router_ = live.family, live.router
     loaded = {s.name for s in router_.loaded()}
     tiers: dict[str, list[str]] = {}
     for tier, size in router_.tiers.items():
@@ -47,7 +50,7 @@ def model_cards(services: Services) -> list[ModelCard]:
 
     def card(s: FamilySize) -> ModelCard:
         return ModelCard(
-            id=services.served_name(s), size=s.name, label=s.label, params=s.params, num_layers=s.num_layers,
+            id=live.served_name(s), size=s.name, label=s.label, params=s.params, num_layers=s.num_layers,
             weight_bytes=s.bytes, patched_blocks=list(s.plan.patched), loaded=s.name in loaded,
             dominated=s.dominated, perplexity=s.perplexity, tiers=sorted(tiers.get(s.name, [])),
         )  # fmt: skip
@@ -56,12 +59,18 @@ def model_cards(services: Services) -> list[ModelCard]:
         id=family.name, params=largest.params, num_layers=largest.num_layers,
         weight_bytes=family.store.resident_bytes(), loaded=bool(loaded),
     )  # fmt: skip
-    return [family_card, *(card(s) for s in family.sizes)]
+    building = [
+        ModelCard(id=f"{family.name}:{name}", size=name, params=0, num_layers=int(name[1:]), weight_bytes=0,
+                  loaded=False, status="building")
+        for name, (_, why) in services.absent_sizes().items() if why.startswith("the family is still building")
+    ]  # fmt: skip
+    return [family_card, *(card(s) for s in family.sizes), *building]
 
 
 @router.get("/v1/models", responses=error_responses(401, 503))
 async def list_models(services: ServicesDep) -> ModelList:
-    return ModelList(data=model_cards(services))
+    build = services.build.public() if services.build is not None else None
+    return ModelList(data=model_cards(services), build=build)
 
 
 @router.get("/v1/models/{model:path}", responses=error_responses(401, 404, 503))

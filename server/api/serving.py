@@ -15,22 +15,22 @@ that decision (:data:`DECIDED` in the ASGI scope), so that the request is routed
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
-from boomerang_core.family import Family
 from server.api.common import GenerationFields, Routed, route, routed_as
 from server.api.fanout import Choice, Fanout, collect_reply, stream_response
 from server.engines.base import SamplingParams
 from server.errors import error_response
 from server.routing import Decision
-from server.services import Services
+from server.services import Live, Services
 
-DECIDED = "boomerang.decision"  # ASGI scope key: the size the forwarder chose for a request it did not forward
+# ASGI scope key: the family and size the forwarder chose for a request it did not forward
+DECIDED = "boomerang.decision"
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Generation(abc.ABC):
         self.body = body
 
     @abc.abstractmethod
-    async def prepare(self, services: Services, family: Family) -> Prepared:
+    async def prepare(self, live: Live) -> Prepared:
         """Tokenise and check the request (blocking work off the event loop)."""
 
     @abc.abstractmethod
@@ -67,21 +67,29 @@ class Generation(abc.ABC):
 async def serve(request: Request, services: Services, generation: Generation) -> Response:
     body = generation.body
     size: str | None = None  # the label the request is counted under, once routed
+    holds: list[Callable[[], None]] = []  # counts the request out of the family it started on
+
+    def leave() -> None:
+        while holds:
+            holds.pop()()
 
     def finish(status: int) -> None:
+        leave()
         services.metrics.finished(size, generation.endpoint, status)
 
     try:
         body.reject_unsupported()
-        family, router = services.ready()
-        prepared = await generation.prepare(services, family)
-        decided: Decision | None = request.scope.get(DECIDED)
+        decided: tuple[Live, Decision] | None = request.scope.get(DECIDED)
+        # the family this request uses to its end, even across a reload
+        live = services.ready() if decided is None else decided[0]
+        holds.append(live.enter())
+        prepared = await generation.prepare(live)
         if decided is None:
-            routed = route(services, family, router, body, prepared.prompts, prepared.max_tokens, generation.id_prefix)
+            routed = route(live, body, prepared.prompts, prepared.max_tokens, generation.id_prefix)
         else:
-            routed = routed_as(services, family, router, decided, generation.id_prefix)
+            routed = routed_as(live, decided[1], generation.id_prefix)
         size = routed.size.name
-        engine = services.engine_for(routed.size)
+        engine = live.engine_for(routed.size)
         requests = routed.requests(prepared.prompts, prepared.sampling, body.n)
         fanout = Fanout(engine, requests, services.metrics, routed.observe)
         await fanout.start()
@@ -91,7 +99,10 @@ async def serve(request: Request, services: Services, generation: Generation) ->
         return response
     if body.stream:
         return stream_response(fanout, generation.chunks(routed, fanout), routed.headers(), finish)
-    choices = await collect_reply(request, fanout, finish)
+    try:
+        choices = await collect_reply(request, fanout, finish)
+    finally:
+        leave()
     if choices is None:
         return Response(status_code=499)
     return JSONResponse(generation.response(routed, choices), headers=routed.headers())

@@ -5,7 +5,7 @@ token ids back to text."""
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,7 +14,7 @@ from server.api.chat import ChatMessage, chat_prompt
 from server.api.common import NullableBool, check_text, context_length
 from server.api.tools import ChatTool, tool_dicts
 from server.errors import BadRequest, error_responses
-from server.services import Services, ServicesDep
+from server.services import Live, Services, ServicesDep
 
 router = APIRouter()
 
@@ -56,16 +56,17 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
-def _check_model(services: Services, model: str | None) -> None:
-    """The family's name, with or without a size tag (one tokenizer serves every size)."""
-    _, router_ = services.ready()
+def _checked(services: Services, model: str | None) -> Live:
+    """The family served now; ``model`` must be its name, with or without a size tag (one tokenizer
+    serves every size)."""
+    live = services.ready()
     if model is not None:
-        router_.size_text(model, None)
+        live.router.size_text(model, None)
+    return live
 
 
-def tokenize(services: Services, body: TokenizeCompletionRequest | TokenizeChatRequest) -> list[int]:
+def tokenize(tokenizer: Any, body: TokenizeCompletionRequest | TokenizeChatRequest) -> list[int]:
     """Blocking."""
-    tokenizer = services.tokenizer
     if isinstance(body, TokenizeCompletionRequest):
         text = check_text(body.prompt, "prompt")
         return list(tokenizer(text, add_special_tokens=body.add_special_tokens)["input_ids"])
@@ -81,19 +82,18 @@ def tokenize(services: Services, body: TokenizeCompletionRequest | TokenizeChatR
 async def create_tokenize(
     body: TokenizeCompletionRequest | TokenizeChatRequest, services: ServicesDep
 ) -> TokenizeResponse:
-    _check_model(services, body.model)
-    family, _ = services.ready()
-    ids = await asyncio.to_thread(tokenize, services, body)
-    strs = services.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
-    return TokenizeResponse(count=len(ids), max_model_len=context_length(family), tokens=ids, token_strs=strs)
+    live = _checked(services, body.model)
+    ids = await asyncio.to_thread(tokenize, live.tokenizer, body)
+    strs = live.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+    return TokenizeResponse(count=len(ids), max_model_len=context_length(live.family), tokens=ids, token_strs=strs)
 
 
 @router.post("/detokenize", responses=error_responses(400, 401, 404, 503))
 async def create_detokenize(body: DetokenizeRequest, services: ServicesDep) -> DetokenizeResponse:
-    _check_model(services, body.model)
-    vocab = len(services.tokenizer)
+    tokenizer = _checked(services, body.model).tokenizer
+    vocab = len(tokenizer)
     bad = [t for t in body.tokens if t >= vocab]
     if bad:
         raise BadRequest(f"token id {bad[0]} is out of range 0..{vocab - 1}", param="tokens")
-    text = await asyncio.to_thread(services.tokenizer.decode, body.tokens)
+    text = await asyncio.to_thread(tokenizer.decode, body.tokens)
     return DetokenizeResponse(prompt=text)

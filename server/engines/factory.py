@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from prometheus_client import CollectorRegistry
-
 from boomerang_core.demo import cache_root
 from boomerang_core.family import Family
 from boomerang_core.shared_store import SharedStore, share_store, shared_dir
@@ -30,12 +28,13 @@ _GB = 1e9
 
 
 def build_engine(
-    family: Family, sizes: Sequence[str], config: DeployConfig, *, registry: CollectorRegistry | None = None
+    family: Family, sizes: Sequence[str], config: DeployConfig, *, metrics: PoolMetrics | None = None
 ) -> Engine:
     """The engine serving ``sizes`` (size names) as the deploy file says: one in-process engine when
-    every tier is ``local``, else the tier pool. ``registry``: where the pool's metrics go."""
+    every tier is ``local``, else the tier pool. ``metrics``: the pool's metrics (one set per registry:
+    every family a process loads reports to the same series)."""
     if uses_pool(config):
-        return pool_engine(family, sizes, config, registry=registry)
+        return pool_engine(family, sizes, config, metrics=metrics)
     return local_engine(family, sizes, config)
 
 
@@ -66,7 +65,7 @@ def vllm_settings(config: DeployConfig) -> VllmSettings:
 
 
 def pool_engine(
-    family: Family, sizes: Sequence[str], config: DeployConfig, *, registry: CollectorRegistry | None = None
+    family: Family, sizes: Sequence[str], config: DeployConfig, *, metrics: PoolMetrics | None = None
 ) -> Engine:
     """The engine for ``sizes`` (size names): a :class:`TierPool` over every tier kind, its ``local``
     sizes on one in-process engine."""
@@ -109,7 +108,7 @@ def pool_engine(
         idle_timeout_s=pool.idle_timeout_s,
         scale_interval_s=pool.scale_interval_s,
         slo_s=config.routing.slo_ms / 1e3,
-        metrics=PoolMetrics(registry),
+        metrics=metrics or PoolMetrics(),
         local=local,
         local_sizes=local_sizes,
         on_stop=on_stop,

@@ -1,0 +1,295 @@
+"""Build a family: distil the student, order its patches, search the served sizes, save ``family.json``,
+reporting every stage to a JSON status file that a server (or anyone) can read while it runs.
+
+A server serves the teacher while this runs in a child process at a lower CPU priority
+(``python -m boomerang_core.build``), then loads the finished family live. Every stage is
+resumable: the distillation continues from its last checkpoint, and a student that is already
+distilled is only searched. The status file is replaced atomically at each update::
+
+    {"stage": "distill", "stages": ["teacher", "distill", "order", "search"], "stage_progress": 0.42,
+     "progress": 0.31, "eta_s": 1130.0, "elapsed_s": 512.3, "pending_sizes": ["l18", ..., "l29"],
+     "message": "...", "pid": 1234, "updated_at": 1796200000.0}
+
+``stage`` ends as ``done`` (``family_dir`` holds the family) or ``failed`` (``error`` says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from boomerang_core.alignment import STUDENT_CONFIG_FILE, StudentSpec
+from boomerang_core.data import corpus_texts, token_blocks
+from boomerang_core.distill import CHECKPOINTS, RECIPE_FILE, DistillConfig, distill
+from boomerang_core.family import FAMILY_FILE, Family
+from boomerang_core.loading import load_config
+from boomerang_core.plan import SizePlan, enumerate_plans, patch_order, plan_for_patched
+from boomerang_core.store import LayerStore
+
+STAGES = ("teacher", "distill", "order", "search")
+# Each stage's share of a build's time, from the demo's first start on a quiet 2-core CPU (minutes:
+# GGUF conversion 0.5, distillation 23.8, KLPatch order 6.2, search 3.8). The ETA scales them by how
+# fast this build's own finished stages ran against these figures.
+STAGE_MINUTES = {"teacher": 0.5, "distill": 23.8, "order": 6.2, "search": 3.8}
+CALIB_BLOCKS = 4  # 4 x 256 calibration tokens for the KLPatch order
+SEARCH_CALIB_BLOCKS = 8  # 8 x 256 for the search's KL ranking (the same text, plus as much again)
+SEARCH_K_BEST = 2  # DP proposals scored per layer count (k=2 found the same front as k=3 on the demo)
+
+
+class BuildStatus:
+    """Writes the status file (``path`` None: keeps it in memory only). ``stages``: the stages this
+    build will run, in order; the ETA counts only those."""
+
+    def __init__(self, path: str | Path | None, stages: Sequence[str] = STAGES, pending_sizes: Sequence[str] = ()):
+        self.path = Path(path) if path is not None else None
+        self.stages = [s for s in STAGES if s in stages]
+        self.pending_sizes = list(pending_sizes)
+        self.started = time.monotonic()
+        self.stage_name = self.stages[0] if self.stages else "done"
+        self.stage_started = self.started
+        self.stage_progress = 0.0
+        self.done_seconds: dict[str, float] = {}  # finished stage -> seconds it took
+        self.state: dict[str, Any] = {}
+        self._write()
+
+    def stage(self, name: str, message: str = "") -> None:
+        """Begin ``name`` (the previous stage is finished)."""
+        now = time.monotonic()
+        if self.stage_name in self.stages and self.stage_name != name:
+            self.done_seconds[self.stage_name] = now - self.stage_started
+        self.stage_name, self.stage_started, self.stage_progress = name, now, 0.0
+        self._write(message=message or f"{name} started")
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        self.stage_progress = min(max(fraction, 0.0), 1.0)
+        self._write(message=message)
+
+    def done(self, family_dir: Path) -> None:
+        self.stage("done", "the family is ready")
+        self._write(stage="done", family_dir=str(family_dir), eta_s=0.0, progress=1.0)
+
+    def failed(self, error: str) -> None:
+        self._write(stage="failed", error=error, eta_s=None)
+
+    def eta_s(self) -> float | None:
+        """Seconds left: the current stage from its own rate once it is 2% in, the later stages from
+        the demo's stage times scaled by how this build's finished work compared with them."""
+        if self.stage_name not in self.stages:
+            return None
+        now = time.monotonic()
+        in_stage = now - self.stage_started
+        spent = sum(self.done_seconds.values()) + in_stage
+        minutes = STAGE_MINUTES
+        expected = sum(minutes[s] for s in self.done_seconds) + minutes[self.stage_name] * self.stage_progress
+        scale = spent / (60 * expected) if expected > 0 and spent > 5 else 1.0
+        if self.stage_progress >= 0.02:
+            current = in_stage * (1 - self.stage_progress) / self.stage_progress
+        else:
+            current = max(STAGE_MINUTES[self.stage_name] * 60 * scale - in_stage, 0.0)
+        later = self.stages[self.stages.index(self.stage_name) + 1 :]
+        return current + sum(STAGE_MINUTES[s] for s in later) * 60 * scale
+
+    def overall(self) -> float:
+        total = sum(STAGE_MINUTES[s] for s in self.stages) or 1.0
+        finished = sum(STAGE_MINUTES[s] for s in self.done_seconds if s in self.stages)
+        current = STAGE_MINUTES.get(self.stage_name, 0.0) * self.stage_progress if self.stage_name in self.stages else 0
+        return min((finished + current) / total, 1.0)
+
+    def _write(self, **extra: Any) -> None:
+        eta = self.eta_s()
+        self.state = {
+            "stage": self.stage_name,
+            "stages": self.stages,
+            "stage_progress": round(self.stage_progress, 4),
+            "progress": round(self.overall(), 4),
+            "eta_s": None if eta is None else round(eta, 1),
+            "elapsed_s": round(time.monotonic() - self.started, 1),
+            "pending_sizes": self.pending_sizes,
+            "message": "",
+            "pid": os.getpid(),
+            "updated_at": time.time(),
+        }
+        self.state.update(extra)
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.state))
+        tmp.replace(self.path)
+
+
+def read_status(path: str | Path) -> dict[str, Any] | None:
+    """The status a build last wrote, or None (no file yet, or a file being replaced)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class _StepProgress(TrainerCallback):
+    """Reports the distillation's optimizer steps to the status file (at most once a second)."""
+
+    def __init__(self, status: BuildStatus) -> None:
+        self.status = status
+        self.last = 0.0
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        now = time.monotonic()
+        if state.max_steps and (now - self.last >= 1.0 or state.global_step >= state.max_steps):
+            self.last = now
+            self.status.progress(state.global_step / state.max_steps, f"step {state.global_step}/{state.max_steps}")
+
+
+# --- what a build does ----------------------------------------------------------------------------
+
+
+def finished_student(student: str | Path) -> bool:
+    student = Path(student)
+    return (student / "model.safetensors").is_file() and (student / STUDENT_CONFIG_FILE).is_file()
+
+
+def pending_size_names(teacher: str | Path, recipe: DistillConfig) -> list[str]:
+    """The sizes a build will search, by name: one per layer count from the student's to the teacher's
+    (``l<layers>``; the teacher's own size is served already)."""
+    layers = load_config(teacher).num_hidden_layers
+    spec = recipe.spec(layers)
+    return [f"l{n}" for n in range(spec.num_student_layers, layers)]
+
+
+def build_family(
+    teacher: str | Path,
+    student: str | Path,
+    recipe: DistillConfig,
+    *,
+    name: str,
+    status: BuildStatus | None = None,
+    progress: bool = True,
+    info: dict[str, Any] | None = None,
+) -> Family:
+    """Distil ``student`` from ``teacher`` by ``recipe`` (resuming an interrupted run; skipped when the
+    student is finished), search its served sizes and save them to ``student/family.json``."""
+    status = status or BuildStatus(None, ("distill", "order", "search"))
+    student = Path(student)
+    if not finished_student(student):
+        status.stage("distill", f"distilling {student.name} from {Path(teacher).name}")
+        distill(teacher, student, recipe, progress=progress, callbacks=[_StepProgress(status)])
+        if not finished_student(student):
+            raise RuntimeError(f"the distillation of {student} stopped before its token budget")
+    shutil.rmtree(student / CHECKPOINTS, ignore_errors=True)  # a finished run's resume state (~1.7 GB for the demo)
+    store = LayerStore.load(teacher, student)
+    family = searched_family(store, name, status=status, progress=progress)
+    recorded = student / RECIPE_FILE  # the recipe this student was really distilled with
+    family.info["recipe"] = json.loads(recorded.read_text()) if recorded.is_file() else recipe.to_dict()
+    family.info.update(info or {})
+    family.save(student)
+    return family
+
+
+def searched_family(
+    store: LayerStore, name: str, *, status: BuildStatus | None = None, progress: bool = True
+) -> Family:
+    """The family over ``store``: the Pareto front of every plan the resident layers express
+    (:mod:`boomerang_core.quality.search`), seeded with the KLPatch order, the ``last`` and ``first``
+    orders and every one-block patching, all scored on the calibration split (the lowest perplexity
+    wins at each layer count). One size per layer count, named ``l<layers>``; a size no better than a
+    smaller one is marked dominated and never routed to."""
+    from boomerang_core.quality.klpatch import klpatch_order
+    from boomerang_core.quality.search import family_from_search, search
+
+    assert store.tokenizer is not None and store.spec is not None
+    calib_ids = calibration_blocks(store)
+    if status is not None:
+        status.stage("order", "ordering the student's blocks by KL (KLPatch)")
+    kl_order = klpatch_order(store, calib_ids[:CALIB_BLOCKS], progress=progress)
+    if status is not None:
+        status.stage("search", "searching the best plan at every layer count")
+    result = search(store, calib_ids, k_best=SEARCH_K_BEST, seeds=search_seeds(store.spec, kl_order), progress=progress)
+    tokens = {"calib": int(calib_ids.numel()), "heldout": 0}
+    family = family_from_search(name, store, result, k_best=SEARCH_K_BEST, tokens=tokens)
+    family.info["patch_order"] = list(kl_order)
+    return family
+
+
+def calibration_blocks(store: LayerStore, blocks: int = SEARCH_CALIB_BLOCKS) -> torch.Tensor:
+    """The calibration split's first ``blocks`` x 256 tokens (disjoint from the held-out text)."""
+    assert store.tokenizer is not None
+    _, _, calib = corpus_texts(DistillConfig().corpus)
+    return token_blocks(store.tokenizer, calib, 256, max_blocks=blocks)
+
+
+def search_seeds(spec: StudentSpec, kl_order: Sequence[int]) -> list[SizePlan]:
+    """Plans the search scores besides the DP's proposals: every size of the KL, ``last`` and
+    ``first`` orders, and the student with any one block patched (where the DP is weakest)."""
+    return [
+        *enumerate_plans(spec, kl_order, origin="klpatch"),
+        *(p for o in ("last", "first") for p in enumerate_plans(spec, patch_order(spec, o), origin=o)),
+        *(plan_for_patched(spec, [b], origin="one-block") for b in range(spec.num_student_layers)),
+    ]
+
+
+def family_ready(student: str | Path) -> bool:
+    """A finished student with its searched ``family.json``."""
+    return finished_student(student) and (Path(student) / FAMILY_FILE).is_file()
+
+
+# --- the child process a server starts ------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m boomerang_core.build",
+        description="Build a family (distil, order, search) and report each stage to a status file.",
+    )
+    parser.add_argument("--status", required=True, help="JSON status file, replaced at each update")
+    parser.add_argument("--demo", action="store_true", help="the embedded demo family (in the cache directory)")
+    parser.add_argument("--teacher")
+    parser.add_argument("--student", help="output directory of the student (and family.json)")
+    parser.add_argument("--recipe", help="DistillConfig fields as a JSON object")
+    parser.add_argument("--name", default="family")
+    parser.add_argument("--nice", type=int, default=0, help="lower this process's CPU priority by this much")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    status: BuildStatus | None = None
+    try:
+        if args.demo:
+            from boomerang_core import demo
+
+            teacher = demo.demo_dir() / "teacher"
+            pending = pending_size_names(demo.ensure_teacher(progress=True), demo.DEMO_RECIPE)
+            status = BuildStatus(args.status, STAGES[1:], pending)
+            family_dir = demo.ensure_demo(progress=True, status=status)
+        else:
+            if not (args.teacher and args.student):
+                parser.error("--teacher and --student (or --demo)")
+            recipe = DistillConfig.from_dict(json.loads(args.recipe)) if args.recipe else DistillConfig()
+            teacher = args.teacher
+            status = BuildStatus(args.status, STAGES[1:], pending_size_names(teacher, recipe))
+            build_family(teacher, args.student, recipe, name=args.name, status=status)
+            family_dir = Path(args.student)
+    except Exception as exc:  # the server reads the reason from the status file
+        traceback.print_exc()
+        (status or BuildStatus(args.status, ())).failed(f"{type(exc).__name__}: {exc}")
+        return 1
+    status.done(family_dir)
+    print(f"family ready in {family_dir} ({teacher})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
