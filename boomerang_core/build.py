@@ -23,6 +23,7 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from transformers import TrainerCallback
 from boomerang_core.alignment import STUDENT_CONFIG_FILE, StudentSpec
 from boomerang_core.data import corpus_texts, token_blocks
 from boomerang_core.distill import CHECKPOINTS, RECIPE_FILE, DistillConfig, distill
-from boomerang_core.family import FAMILY_FILE, Family
+from boomerang_core.family import FAMILY_FILE, Family, dominated_flags
 from boomerang_core.loading import load_config
 from boomerang_core.plan import SizePlan, enumerate_plans, patch_order, plan_for_patched
 from boomerang_core.store import LayerStore
@@ -237,6 +238,38 @@ def search_seeds(spec: StudentSpec, kl_order: Sequence[int]) -> list[SizePlan]:
         *(p for o in ("last", "first") for p in enumerate_plans(spec, patch_order(spec, o), origin=o)),
         *(plan_for_patched(spec, [b], origin="one-block") for b in range(spec.num_student_layers)),
     ]
+
+
+def interim_family(family: Family, layer_counts: Sequence[int], max_ratio: float, blocks: int = CALIB_BLOCKS) -> Family:
+    """``family`` (the teacher alone) plus teacher-only layer drops (ShortGPT's, by block influence)
+    at ``layer_counts``, kept where their calibration perplexity is within ``max_ratio`` of the
+    teacher's: sizes a server can offer in seconds while the student is still being distilled. They
+    are named ``l<layers>`` like the sizes they stand in for, carry their calibration perplexity in
+    ``plan.meta["calib_ppl"]``, and are listed in ``family.info["interim"]``."""
+    from boomerang_core.quality.baselines import block_influence, shortgpt_plan
+    from boomerang_core.quality.scoring import perplexities
+
+    store = family.store
+    calib = calibration_blocks(store, blocks)
+    influence = block_influence(store, calib)
+    teacher = family.largest.plan
+    drops = [shortgpt_plan(influence, n) for n in sorted(set(layer_counts)) if 0 < n < store.num_teacher_layers]
+    ppl = perplexities(store, [teacher, *drops], calib)
+    kept = [
+        (replace(plan, meta={**plan.meta, "calib_ppl": round(p, 3)}), p)
+        for plan, p in zip(drops, ppl[1:], strict=True)
+        if p <= max_ratio * ppl[0]
+    ]
+    plans = [replace(teacher, meta={**teacher.meta, "calib_ppl": round(ppl[0], 3)}), *(plan for plan, _ in kept)]
+    out = Family.from_plans(family.name, store, plans, order="interim", **family.info)
+    # the teacher is never dominated: it is the size every other one stands in for
+    flags = [False, *dominated_flags([s.params for s in out.sizes[1:]], [p for _, p in kept])]
+    out.sizes = sorted(
+        (replace(s, name=f"l{s.num_layers}", dominated=d) for s, d in zip(out.sizes, flags, strict=True)),
+        key=lambda s: s.params,
+    )
+    out.info["interim"] = [f"l{plan.num_layers}" for plan, _ in kept]
+    return out
 
 
 def family_ready(student: str | Path) -> bool:

@@ -258,6 +258,12 @@ class BuildConfig(_Section):
     status_file: str | None = Field(
         default=None, description="where the build reports its stages; null: next to the student"
     )
+    interim_max_ppl_ratio: Annotated[float | None, Field(gt=1)] = Field(
+        default=1.3,
+        description="while the family builds, also serve the teacher with layers dropped (ShortGPT) at the sizes "
+        "still building, where their calibration perplexity is within this factor of the teacher's; null: the "
+        "teacher alone",
+    )
 
 
 class DeployConfig(_Section):

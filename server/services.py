@@ -10,12 +10,13 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from boomerang_core.build import interim_family
 from boomerang_core.errors import BoomerangError
 from boomerang_core.family import Family, FamilySize
 from server.building import FamilyBuild, pending_build, teacher_family
@@ -135,7 +136,7 @@ class Services:
     drain: Drain = field(default_factory=Drain)  # SIGTERM: in-flight requests, and whether we drain
     _generation: int = 0
     _removed: dict[str, tuple[int, str]] = field(default_factory=dict)  # sizes reloads removed: layers, why
-    _retiring: set[asyncio.Task[None]] = field(default_factory=set)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _reload_lock: asyncio.Lock | None = None
 
     def __post_init__(self) -> None:
@@ -182,18 +183,58 @@ class Services:
         if job is not None:
             self.build = FamilyBuild(job, self.metrics, lambda: self.reload("the family build finished"))
             self.build.start()
+            if self.config.build.interim_max_ppl_ratio is not None:
+                self._spawn(self._interim(self.config.build.interim_max_ppl_ratio), "boomerang-interim-sizes")
 
-    async def reload(self, reason: str) -> Live:
-        """Re-read the deploy file and the family, start and check its engines beside the ones
-        serving now, then swap: new requests get the new family, requests in flight finish on the old
-        one, whose engines stop (and memory goes) when its last request ends. Raises
-        :class:`ReloadRefused`, with the old family still serving, when anything fails."""
+    async def _interim(self, max_ratio: float) -> None:
+        """Add teacher-only layer drops at the sizes still building (seconds of scoring), unless the
+        build has finished first."""
+        teacher = self.live
+        assert teacher is not None and self.build is not None
+        layers = await self._pending_layers()
+        if not layers or self.live is not teacher:
+            return
+        try:
+            family = await _in_daemon_thread(lambda: interim_family(teacher.family, layers, max_ratio))
+        except Exception:
+            log.exception("interim sizes failed; the teacher serves alone until the family is built")
+            return
+        if self.live is teacher and family.info.get("interim"):
+            with contextlib.suppress(ReloadRefused):
+                await self.reload("interim sizes while the family builds", family=family, replacing=teacher)
+
+    async def _pending_layers(self) -> list[int]:
+        """Layer counts the build will make (once its first status says)."""
+        while self.build is not None and self.build.running:
+            names = self.build.public()["pending_sizes"]
+            if names:
+                return [int(m.group(1)) for n in names if (m := re.fullmatch(r"l(\d+)", n))]
+            await asyncio.sleep(0.5)
+        return []
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def reload(self, reason: str, family: Family | None = None, *, replacing: Live | None = None) -> Live:
+        """Re-read the deploy file and the family (or take ``family``), start and check its engines
+        beside the ones serving now, then swap: new requests get the new family, requests in flight
+        finish on the old one, whose engines stop (and memory goes) when its last request ends.
+        Raises :class:`ReloadRefused`, with the old family still serving, when anything fails.
+        ``replacing``: swap only if that family still serves (else nothing happens)."""
         if self._reload_lock is None:
             self._reload_lock = asyncio.Lock()
         async with self._reload_lock:
+            if replacing is not None and self.live is not replacing:
+                assert self.live is not None
+                return self.live
             try:
-                config = self.config_source() if self.config_source is not None else self.config
-                new = await self._open(config)
+                if family is not None:
+                    config = self.live.config if self.live is not None else self.config
+                else:
+                    config = self.config_source() if self.config_source is not None else self.config
+                new = await self._open(config, family)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -214,9 +255,7 @@ class Services:
                 when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
                 self._removed.update({s.name: (s.num_layers, f"a reload at {when} removed it") for s in gone})
                 self.metrics.forget_sizes([s.name for s in gone])
-                task = asyncio.create_task(self._retire(old), name=f"boomerang-retire-{old.generation}")
-                self._retiring.add(task)
-                task.add_done_callback(self._retiring.discard)
+                self._spawn(self._retire(old), f"boomerang-retire-{old.generation}")
             self._announce(new, f"reloaded ({reason}): serving")
             return new
 
@@ -269,7 +308,7 @@ class Services:
     async def close(self) -> None:
         if self.build is not None:
             await self.build.stop()
-        for task in list(self._retiring):
+        for task in list(self._tasks):
             task.cancel()
         retired = [self.live] if self.live is not None else []
         self.live = None

@@ -29,7 +29,9 @@ class ModelCard(BaseModel):
     dominated: bool = False
     perplexity: float | None = None
     tiers: list[str] = []
-    status: Literal["ready", "building"] = "ready"  # building: the family's background build makes it
+    # building: the family's background build makes it; interim: the teacher with layers dropped, served
+    # at that size until the build replaces it
+    status: Literal["ready", "interim", "building"] = "ready"
 
 
 class ModelList(BaseModel):
@@ -47,12 +49,14 @@ def model_cards(services: Services) -> list[ModelCard]:
         if tier != size:
             tiers.setdefault(size, []).append(tier)
     largest = family.largest
+    interim = set(family.info.get("interim", []))
 
     def card(s: FamilySize) -> ModelCard:
         return ModelCard(
             id=live.served_name(s), size=s.name, label=s.label, params=s.params, num_layers=s.num_layers,
             weight_bytes=s.bytes, patched_blocks=list(s.plan.patched), loaded=s.name in loaded,
             dominated=s.dominated, perplexity=s.perplexity, tiers=sorted(tiers.get(s.name, [])),
+            status="interim" if s.name in interim else "ready",
         )  # fmt: skip
 
     family_card = ModelCard(
