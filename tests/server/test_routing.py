@@ -148,3 +148,22 @@ def test_tier_table_defaults_to_every_servable_size(family: Family, tiny_dirs: T
         "k0": "k0", "k3": "k3", "k4": "k4", "k5": "k5"
     }  # fmt: skip
     assert tier_table(family, parse_config(deploy_dict(tiny_dirs)))["large"] == "k5"
+
+
+def test_sizes_building_or_removed_go_to_the_nearest_size_or_404(family: Family) -> None:
+    absent = {"l6": (6, "the family is still building (distill)"), "k9": (7, "a reload at noon removed it")}
+    router, _, _ = make_router(family)
+    router.absent = lambda: absent
+    layers = {s.name: s.num_layers for s in family.sizes}
+    d = router.choose(ask("l6"))
+    assert d.reason == "nearest" and d.size.name == min(
+        ("k0", "k3", "k4", "k5"), key=lambda n: (abs(layers[n] - 6), layers[n])
+    )
+    assert router.choose(ask("K9")).reason == "nearest"  # names ignore case
+    strict, _, _ = make_router(family, missing_size="error")
+    strict.absent = lambda: absent
+    with pytest.raises(UnknownSize, match="still building") as info:
+        strict.choose(ask("l6"))
+    assert to_api_error(info.value).status == 404 and "Served sizes" in str(info.value)
+    with pytest.raises(UnknownSize, match="cannot read"):
+        router.choose(ask("l2"))  # neither in the family nor absent: as before
