@@ -103,6 +103,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         kl_weight=args.kl_weight,
         cosine_weight=args.cosine_weight,
         corpus=args.data,
+        chat_fraction=args.chat_fraction,
         save_steps=args.save_steps,
         save_total_limit=args.keep_checkpoints,
     )
@@ -137,6 +138,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     p.add_argument("--out", default="student", help="output directory for the student")
     p.add_argument(
         "--data", default="pydoc", help="'pydoc' (Python's docs, offline), a text file or folder, or hf:DATASET"
+    )
+    p.add_argument(
+        "--chat-fraction",
+        type=float,
+        default=0.0,
+        help="share of the training tokens taken from the teacher's own conversations, generated first (cached, "
+        "resumable) from its chat template; the --data corpus gives the rest (default 0: the corpus only)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--first", type=int, default=1, help="first teacher layers to keep (default 1)")

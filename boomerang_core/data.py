@@ -21,6 +21,7 @@ import ast
 import functools
 import hashlib
 import importlib
+import math
 import sysconfig
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -294,3 +295,53 @@ def token_blocks(
     if n == 0:
         raise CorpusError(f"the texts give {len(stream)} tokens: fewer than one block of {seq_len}")
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)  # (n, seq_len)
+
+
+# --- teacher conversations and the data mix ----------------------------------------------------
+
+
+def chat_stream(
+    teacher: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    tokens: int,
+    *,
+    split: str = "train",
+    progress: bool = True,
+    engine: str = "auto",
+) -> list[int]:
+    """At least ``tokens`` tokens of the teacher's own conversations (:mod:`boomerang_core.synth`),
+    rendered by its chat template, as one stream. Asks the synthesiser for more conversations
+    until they fill ``tokens`` (each call extends the cached list)."""
+    from boomerang_core.synth import conversation_ids, teacher_conversations
+
+    if tokens <= 0:
+        return []
+    count = max(8, tokens // 200)  # ~200 tokens a conversation, corrected below
+    while True:
+        conversations = teacher_conversations(teacher, count, split=split, progress=progress, engine=engine)
+        stream = conversation_ids(tokenizer, conversations)
+        if len(stream) >= tokens:
+            return stream
+        per = max(1.0, len(stream) / max(1, len(conversations)))
+        count = len(conversations) + math.ceil((tokens - len(stream)) / per * 1.1) + 1
+
+
+def mix_blocks(
+    general: torch.Tensor, chat: torch.Tensor, total: int, chat_fraction: float, seed: int = 0
+) -> torch.Tensor:
+    """``total`` blocks: ``round(chat_fraction * total)`` chat blocks (the first ones, in order)
+    and the rest drawn from ``general`` without replacement by a seeded permutation (so that every
+    part of the general corpus can be picked, as the trainer's shuffle does without a mix).
+
+    Shapes: ``general`` (n, seq_len), ``chat`` (m, seq_len) -> (total, seq_len)."""
+    n_chat = round(chat_fraction * total)
+    n_general = total - n_chat
+    if n_chat > chat.shape[0]:
+        raise CorpusError(f"the mix needs {n_chat} chat blocks; only {chat.shape[0]} were given")
+    if n_general > general.shape[0]:
+        raise CorpusError(
+            f"the mix needs {n_general} blocks of the general corpus; it has {general.shape[0]}: "
+            "lower the token budget or raise chat_fraction"
+        )
+    order = torch.randperm(general.shape[0], generator=torch.Generator().manual_seed(seed))[:n_general]
+    return torch.cat([chat[:n_chat], general[order.sort().values]])  # (total, seq_len)

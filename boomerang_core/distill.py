@@ -39,7 +39,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from boomerang_core.alignment import StudentSpec
 from boomerang_core.arch import adapter_for
 from boomerang_core.checkpoints import AtomicCheckpointTrainer
-from boomerang_core.data import load_corpus, token_blocks
+from boomerang_core.data import chat_stream, load_corpus, mix_blocks, token_blocks
 from boomerang_core.errors import RecipeError
 from boomerang_core.loading import load_causal_lm, load_tokenizer
 
@@ -64,6 +64,9 @@ class DistillConfig:
     kl_temperature: float = 1.0
     kl_top_k: int | None = None  # KL on the teacher's top-k tokens only (renormalised); None: full vocabulary
     corpus: str = "pydoc"
+    # Share of the training tokens taken from the teacher's own conversations (boomerang_core.synth,
+    # rendered by its chat template); the corpus gives the rest. 0: the corpus only.
+    chat_fraction: float = 0.0
     seq_len: int = 256  # tokens per sequence
     batch_size: int = 8  # sequences per device per micro-step
     grad_accum: int = 1
@@ -99,6 +102,8 @@ class DistillConfig:
             raise RecipeError(f"kl_temperature must be > 0, got {self.kl_temperature}")
         if self.kl_top_k is not None and self.kl_top_k < 1:
             raise RecipeError(f"kl_top_k must be >= 1 or None, got {self.kl_top_k}")
+        if not (0.0 <= self.chat_fraction <= 1.0):
+            raise RecipeError(f"chat_fraction must be in [0, 1], got {self.chat_fraction}")
         if self.warmup_ratio >= 1:
             raise RecipeError(f"warmup_ratio must be below 1, got {self.warmup_ratio}")
 
@@ -334,6 +339,7 @@ def distill(
     stop_after_steps: int | None = None,
     time_limit_s: float | None = None,
     report: Callable[[str], None] | None = None,
+    chat_engine: str = "auto",
 ) -> Path:
     """Distil a student from ``teacher_source`` (HF directory, GGUF file or hub id) into ``out_dir``.
 
@@ -345,6 +351,8 @@ def distill(
     starts over. ``train_blocks`` (n, seq_len) overrides the corpus;
     ``stop_after_steps`` stops early after that optimizer step (as an interruption would) without
     changing the schedule; ``time_limit_s`` does the same after that many seconds of training.
+    With ``config.chat_fraction`` > 0 that share of the budget is the teacher's own conversations,
+    generated first (cached and resumable) on ``chat_engine`` (see :func:`boomerang_core.synth.teacher_conversations`).
     Returns ``out_dir``; it holds a final student only if the whole budget was trained.
     """
     config = config or DistillConfig()
@@ -357,12 +365,16 @@ def distill(
     student = prune_student(teacher, spec)
     if config.freeze_embeddings:
         adapter_for(teacher.config).get_embed(student).requires_grad_(False)
-    if train_blocks is None:
-        corpus = load_corpus(config.corpus)
-        train_blocks = token_blocks(tokenizer, corpus.train, config.seq_len)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = bf16_supported(dev) if config.bf16 is None else config.bf16
     args = _training_args(out / CHECKPOINTS, config, dev, bf16, progress)
+    if train_blocks is None:
+        corpus = load_corpus(config.corpus)
+        train_blocks = token_blocks(tokenizer, corpus.train, config.seq_len)
+        if config.chat_fraction > 0:
+            train_blocks = _mixed_blocks(
+                teacher_source, tokenizer, train_blocks, config, args.world_size, chat_engine, say, progress
+            )
     trainer = BoomerangTrainer(
         model=student,
         args=args,
@@ -393,6 +405,25 @@ def distill(
         spec.write(out)
         tokenizer.save_pretrained(out)
     return out
+
+
+def _mixed_blocks(
+    teacher_source: str | Path,
+    tokenizer: Any,
+    general: Tensor,
+    config: DistillConfig,
+    world_size: int,
+    engine: str,
+    say: Callable[[str], None],
+    progress: bool,
+) -> Tensor:
+    """Exactly the budget's blocks (one epoch): ``chat_fraction`` of them the teacher's conversations."""
+    total = config.max_steps(world_size) * config.tokens_per_step(world_size) // config.seq_len
+    n_chat = round(config.chat_fraction * total)
+    say(f"data mix: {n_chat} of {total} blocks of {config.seq_len} tokens from the teacher's own conversations")
+    stream = chat_stream(teacher_source, tokenizer, n_chat * config.seq_len, progress=progress, engine=engine)
+    chat = torch.tensor(stream[: n_chat * config.seq_len], dtype=torch.long).view(n_chat, config.seq_len)
+    return mix_blocks(general, chat, total, config.chat_fraction, seed=config.seed)  # (total, seq_len)
 
 
 def _training_args(
