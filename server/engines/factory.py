@@ -60,7 +60,7 @@ def vllm_settings(config: DeployConfig) -> VllmSettings:
         runtime = WORKER_RUNTIME_GB if v.mode == "process" else VllmSettings.overhead_gb
     return VllmSettings(
         max_model_len=v.max_model_len, max_num_seqs=v.max_num_seqs, enforce_eager=v.enforce_eager,
-        kv_cache_gb=v.kv_cache_gb, overhead_gb=runtime,
+        kv_cache_gb=v.kv_cache_gb, overhead_gb=runtime, tool_call_parser=v.tool_call_parser,
     )  # fmt: skip
 
 

@@ -68,6 +68,14 @@ class VllmEngineConfig(_Section):
     every replica in the gateway on one stepper thread (engines take turns: for comparison and tests).
     ``runtime_gb``: what a replica holds besides the weights and its KV cache; ``null``: the figure
     measured for the mode (a worker: 1.5 GB, its three processes on CPU; an in-process engine: 0.08 GB).
+    ``tool_call_parser``: the vLLM tool parser a worker reads the model's tool calls with (``hermes``:
+    the ``<tool_call>`` JSON of Qwen2.5 / Qwen3 and the gateway's default tool rendering; any name of
+    vLLM's ``--tool-call-parser``). With a parser, vLLM holds a forced call (``required``, a named
+    function) to the parser's format, and its arguments to the tool's schema only for tools marked
+    ``strict: true`` (vLLM's ``--tool-strict-level auto``; the in-process engine always does). ``null``:
+    workers start without ``--enable-auto-tool-choice``, so ``tool_choice: auto`` on them is vLLM's 400
+    (a forced call is then JSON under the tools' schema). ``in_process`` replicas take tools through
+    the gateway's own parser.
     """
 
     mode: Literal["process", "in_process"] = "process"
@@ -78,6 +86,7 @@ class VllmEngineConfig(_Section):
     runtime_gb: Annotated[float | None, Field(ge=0)] = None
     shared_dir: str | None = None
     cpu_cores_per_worker: Annotated[int | None, Field(ge=1)] = None
+    tool_call_parser: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "hermes"
 
 
 class PoolConfig(_Section):

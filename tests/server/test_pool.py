@@ -126,3 +126,15 @@ def test_pool_config_errors_name_their_path() -> None:
                        "engines": {"vllm": {"kv_cache_gb": 0.5, "max_num_seqs": 8}},
                        "pool": {"memory_budget_gb": 8, "queue_depth_target": 2, "idle_timeout_s": 60}})  # fmt: skip
     assert ok.tiers[0].max_replicas == 4 and ok.engines.vllm.kv_cache_gb == 0.5 and ok.pool.memory_budget_gb == 8
+
+
+def test_workers_tool_call_parser_is_hermes_unless_set() -> None:
+    """engines.vllm.tool_call_parser reaches the workers' settings (their --tool-call-parser); null: none."""
+    from server.engines.factory import vllm_settings
+
+    assert vllm_settings(parse_config({})).tool_call_parser == "hermes"
+    for name in ("llama3_json", None):
+        assert vllm_settings(parse_config({"engines": {"vllm": {"tool_call_parser": name}}})).tool_call_parser == name
+    with pytest.raises(ConfigError) as err:
+        parse_config({"engines": {"vllm": {"tool_call_parser": "hermes --trust-remote-code"}}})
+    assert any(p.startswith("engines.vllm.tool_call_parser:") for p in err.value.problems)

@@ -51,13 +51,16 @@ _replica_ids = itertools.count()
 class VllmSettings:
     """Per-replica vLLM settings (``engines.vllm`` in the deploy YAML). ``kv_cache_gb`` is the KV
     cache each replica reserves (1 GB = 1e9 bytes); ``overhead_gb`` is what an engine holds besides
-    weights and KV cache (measured here: 30-55 MiB on CPU with the store's weights)."""
+    weights and KV cache (measured here: 30-55 MiB on CPU with the store's weights).
+    ``tool_call_parser``: the vLLM tool parser a worker process reads tool calls with (``None``: the
+    worker takes no ``tool_choice: auto``); the in-process replica's tools go through the gateway."""
 
     max_model_len: int = 2048
     max_num_seqs: int = 16
     enforce_eager: bool = True
     kv_cache_gb: float = 0.25
     overhead_gb: float = 0.08
+    tool_call_parser: str | None = "hermes"
 
     @property
     def replica_bytes(self) -> int:

@@ -180,6 +180,8 @@ class VllmWorker(RemoteEngine):
         ]  # fmt: skip
         if s.enforce_eager:
             argv.append("--enforce-eager")
+        if s.tool_call_parser is not None:
+            argv += ["--enable-auto-tool-choice", "--tool-call-parser", s.tool_call_parser]
         if store.device.type == "cuda":
             total = torch.cuda.get_device_properties(store.device).total_memory
             kv, runtime = int(s.kv_cache_gb * _GB), int(s.overhead_gb * _GB)
