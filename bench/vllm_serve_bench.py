@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,10 +38,10 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 from tests.server import live  # noqa: E402
+from tests.server.vllm_bench import BACKENDS, BenchServeError, bench_serve  # noqa: E402
 
 INPUT_LEN, OUTPUT_LEN = 128, 64
 MAX_MODEL_LEN, MAX_NUM_SEQS, KV_GB = 2048, 16, 1
-BACKENDS = {"openai": "/v1/completions", "openai-chat": "/v1/chat/completions"}
 FAMILY = "bench"
 
 
@@ -118,32 +117,21 @@ def start_arm(arm: str, work: Path, teacher: Path, student: Path, size: str) -> 
 
 def run_client(server: live.Server, model: str, backend: str, tokenizer: Path, args: argparse.Namespace,
                out: Path) -> dict[str, Any]:  # fmt: skip
-    """vLLM's ``bench serve`` against ``server`` in a child process; its result JSON."""
-    argv = ["--backend", backend, "--base-url", server.url, "--endpoint", BACKENDS[backend], "--model", model,
-            "--tokenizer", str(tokenizer), "--dataset-name", "random", "--random-input-len", str(INPUT_LEN),
-            "--random-output-len", str(OUTPUT_LEN), "--num-prompts", str(args.prompts), "--request-rate",
-            str(args.rate), "--ignore-eos", "--seed", "0", "--save-result", "--result-dir", str(out.parent),
-            "--result-filename", out.name, "--percentile-metrics", "ttft,tpot,itl,e2el"]  # fmt: skip
-    code = (
-        "import sys\n"
-        "from vllm.benchmarks.serve import add_cli_args, main\n"
-        "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
-        "p = FlexibleArgumentParser()\nadd_cli_args(p)\nmain(p.parse_args(sys.argv[1:]))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True)
-    (out.with_suffix(".log")).write_text(done.stdout + done.stderr)
-    if done.returncode != 0 or not out.is_file():
-        return {"failed": True, "error": (done.stdout + done.stderr)[-2000:]}
-    result: dict[str, Any] = json.loads(out.read_text())
-    return result
+    """vLLM's ``bench serve`` against ``server``; its result JSON, or ``run_error`` when the run failed."""
+    try:
+        return bench_serve(server.url, model, backend, tokenizer, out, prompts=args.prompts, input_len=INPUT_LEN,
+                           output_len=OUTPUT_LEN, rate=args.rate,
+                           extra=["--percentile-metrics", "ttft,tpot,itl,e2el"])  # fmt: skip
+    except BenchServeError as exc:
+        return {"run_error": str(exc)[-2000:]}
 
 
 def row(arm: str, backend: str, r: dict[str, Any], base: dict[str, Any] | None) -> str:
-    if r.get("failed"):
+    if r.get("run_error"):
         return f"| {arm} | {backend} | run failed | | | | |"
 
     def ratio(key: str) -> str:
-        if base is None or base.get("failed") or not base.get(key):
+        if base is None or base.get("run_error") or not base.get(key):
             return ""
         return f" ({r[key] / base[key]:.2f}x)"
 
@@ -176,7 +164,8 @@ def main() -> int:
                 for backend in BACKENDS:
                     r = run_client(server, model, backend, teacher, args, work / f"{arm}-{backend}.json")
                     results.setdefault(arm, {})[backend] = r
-                    shown = {k: r.get(k) for k in ("completed", "output_throughput", "median_ttft_ms", "error")}
+                    keys = ("completed", "failed", "output_throughput", "median_ttft_ms", "run_error")
+                    shown = {k: r.get(k) for k in keys}
                     print(f"{arm} {backend}: {json.dumps(shown)}", flush=True)
             finally:
                 live.stop(server, timeout=60)
