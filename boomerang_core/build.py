@@ -38,11 +38,11 @@ from boomerang_core.loading import load_config
 from boomerang_core.plan import SizePlan, enumerate_plans, patch_order, plan_for_patched
 from boomerang_core.store import LayerStore
 
-STAGES = ("teacher", "distill", "order", "search")
+STAGES = ("teacher", "interim", "distill", "order", "search")
 # Each stage's share of a build's time, from the demo's first start on a quiet 2-core CPU (minutes:
 # GGUF conversion 0.5, distillation 23.8, KLPatch order 6.2, search 3.8). The ETA scales them by how
 # fast this build's own finished stages ran against these figures.
-STAGE_MINUTES = {"teacher": 0.5, "distill": 23.8, "order": 6.2, "search": 3.8}
+STAGE_MINUTES = {"teacher": 0.5, "interim": 0.3, "distill": 23.8, "order": 6.2, "search": 3.8}
 CALIB_BLOCKS = 4  # 4 x 256 calibration tokens for the KLPatch order
 SEARCH_CALIB_BLOCKS = 8  # 8 x 256 for the search's KL ranking (the same text, plus as much again)
 SEARCH_K_BEST = 2  # DP proposals scored per layer count (k=2 found the same front as k=3 on the demo)
@@ -62,6 +62,7 @@ class BuildStatus:
         self.stage_progress = 0.0
         self.done_seconds: dict[str, float] = {}  # finished stage -> seconds it took
         self.state: dict[str, Any] = {}
+        self.sticky: dict[str, Any] = {}  # kept in every later write (where the interim sizes are)
         self._write()
 
     def stage(self, name: str, message: str = "") -> None:
@@ -121,6 +122,7 @@ class BuildStatus:
             "pid": os.getpid(),
             "updated_at": time.time(),
         }
+        self.state.update(self.sticky)
         self.state.update(extra)
         if self.path is None:
             return
@@ -293,6 +295,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--name", default="family")
     parser.add_argument("--nice", type=int, default=0, help="lower this process's CPU priority by this much")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--interim-ratio", type=float, default=0.0,
+        help="first write interim sizes (teacher-only layer drops within this perplexity factor of the teacher's) "
+        "to interim/family.json next to the status file; 0: none",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.nice:
         os.nice(args.nice)
@@ -300,20 +307,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     status: BuildStatus | None = None
     try:
+        stages = STAGES[1:] if args.interim_ratio > 0 else STAGES[2:]
         if args.demo:
             from boomerang_core import demo
 
-            teacher = demo.demo_dir() / "teacher"
-            pending = pending_size_names(demo.ensure_teacher(progress=True), demo.DEMO_RECIPE)
-            status = BuildStatus(args.status, STAGES[1:], pending)
-            family_dir = demo.ensure_demo(progress=True, status=status)
+            teacher = str(demo.ensure_teacher(progress=True))
+            recipe, name = demo.DEMO_RECIPE, demo.DEMO_NAME
         else:
             if not (args.teacher and args.student):
                 parser.error("--teacher and --student (or --demo)")
             recipe = DistillConfig.from_dict(json.loads(args.recipe)) if args.recipe else DistillConfig()
-            teacher = args.teacher
-            status = BuildStatus(args.status, STAGES[1:], pending_size_names(teacher, recipe))
-            build_family(teacher, args.student, recipe, name=args.name, status=status)
+            teacher, name = args.teacher, args.name
+        pending = pending_size_names(teacher, recipe)
+        status = BuildStatus(args.status, stages, pending)
+        if args.interim_ratio > 0:
+            status.stage("interim", "scoring teacher-only layer drops to serve while the student distils")
+            layers = [int(n[1:]) for n in pending]
+            interim = interim_family(Family.open(teacher, name=name), layers, args.interim_ratio)
+            out = Path(args.status).with_name(Path(args.status).stem + "-interim")
+            out.mkdir(parents=True, exist_ok=True)
+            interim.save(out)
+            status.sticky["interim_dir"] = str(out)
+            status.progress(1.0, f"interim sizes: {', '.join(interim.info['interim']) or 'none'}")
+        if args.demo:
+            family_dir = demo.ensure_demo(progress=True, status=status)
+        else:
+            build_family(teacher, args.student, recipe, name=name, status=status)
             family_dir = Path(args.student)
     except Exception as exc:  # the server reads the reason from the status file
         traceback.print_exc()

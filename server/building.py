@@ -56,6 +56,8 @@ def pending_build(config: DeployConfig) -> BuildJob | None:
     base = [sys.executable, "-m", "boomerang_core.build", "--nice", str(settings.nice)]
     if settings.threads:
         base += ["--threads", str(settings.threads)]
+    if settings.interim_max_ppl_ratio is not None:
+        base += ["--interim-ratio", str(settings.interim_max_ppl_ratio)]
     if fc is None:
         if demo.demo_ready():
             return None
@@ -95,10 +97,18 @@ class FamilyBuild:
     """Runs ``job`` and follows its status file until it ends; ``on_ready`` (the live reload) runs
     once the family is built."""
 
-    def __init__(self, job: BuildJob, metrics: GatewayMetrics, on_ready: Callable[[], Awaitable[Any]]) -> None:
+    def __init__(
+        self,
+        job: BuildJob,
+        metrics: GatewayMetrics,
+        on_ready: Callable[[], Awaitable[Any]],
+        on_interim: Callable[[Path], Awaitable[Any]] | None = None,
+    ) -> None:
         self.job = job
         self.metrics = metrics
         self.on_ready = on_ready
+        self.on_interim = on_interim  # the build wrote interim sizes (a family.json in that directory)
+        self._interim_seen = False
         self.state: dict[str, Any] = {"stage": "starting", "progress": 0.0, "eta_s": None, "pending_sizes": []}
         self.error: str | None = None
         self.finished = False
@@ -161,6 +171,10 @@ class FamilyBuild:
             with contextlib.suppress(TimeoutError):
                 return await asyncio.wait_for(process.wait(), POLL_S)
             self._read()
+            interim = self.state.get("interim_dir")
+            if interim and not self._interim_seen and self.on_interim is not None:
+                self._interim_seen = True
+                await self.on_interim(Path(interim))
             if self.state.get("stage") != stage:
                 stage = self.state.get("stage")
                 eta = self.state.get("eta_s")

@@ -12,11 +12,11 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from boomerang_core.build import interim_family
 from boomerang_core.errors import BoomerangError
 from boomerang_core.family import Family, FamilySize
 from server.building import FamilyBuild, pending_build, teacher_family
@@ -181,36 +181,26 @@ class Services:
             return
         self._announce(self.live, "serving")
         if job is not None:
-            self.build = FamilyBuild(job, self.metrics, lambda: self.reload("the family build finished"))
+            self.build = FamilyBuild(
+                job, self.metrics, lambda: self.reload("the family build finished"), on_interim=self._interim
+            )
             self.build.start()
-            if self.config.build.interim_max_ppl_ratio is not None:
-                self._spawn(self._interim(self.config.build.interim_max_ppl_ratio), "boomerang-interim-sizes")
 
-    async def _interim(self, max_ratio: float) -> None:
-        """Add teacher-only layer drops at the sizes still building (seconds of scoring), unless the
-        build has finished first."""
+    async def _interim(self, directory: Path) -> None:
+        """Serve the interim sizes the build wrote (teacher-only layer drops over the teacher's store
+        already resident), unless the built family serves already."""
         teacher = self.live
-        assert teacher is not None and self.build is not None
-        layers = await self._pending_layers()
-        if not layers or self.live is not teacher:
+        if teacher is None or not teacher.family.info.get("building"):
             return
         try:
-            family = await _in_daemon_thread(lambda: interim_family(teacher.family, layers, max_ratio))
-        except Exception:
-            log.exception("interim sizes failed; the teacher serves alone until the family is built")
+            family = await _in_daemon_thread(lambda: Family.load(directory, teacher.family.store))
+        except Exception as exc:
+            log.error("the interim sizes in %s could not be read (%s); the teacher serves alone", directory, exc)
             return
-        if self.live is teacher and family.info.get("interim"):
-            with contextlib.suppress(ReloadRefused):
-                await self.reload("interim sizes while the family builds", family=family, replacing=teacher)
-
-    async def _pending_layers(self) -> list[int]:
-        """Layer counts the build will make (once its first status says)."""
-        while self.build is not None and self.build.running:
-            names = self.build.public()["pending_sizes"]
-            if names:
-                return [int(m.group(1)) for n in names if (m := re.fullmatch(r"l(\d+)", n))]
-            await asyncio.sleep(0.5)
-        return []
+        family.name = teacher.family.name
+        family.info["building"] = True
+        with contextlib.suppress(ReloadRefused):
+            await self.reload("interim sizes while the family builds", family=family, replacing=teacher)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
