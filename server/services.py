@@ -44,6 +44,7 @@ class NotServing(Exception):
 
 
 FamilyLoader = Callable[[DeployConfig], Family]
+RETIRE_IDLE_S = 300.0  # see Services._retire
 
 
 def load_family(config: DeployConfig) -> Family:
@@ -234,6 +235,8 @@ class Services:
                 log.error("reload refused (%s): %s; the current family keeps serving", reason, why,
                           exc_info=not isinstance(exc, USER_ERRORS))  # fmt: skip
                 raise ReloadRefused(why) from exc
+            self._generation += 1
+            new.generation = self._generation
             old, self.live = self.live, new
             self.metrics.reloads.labels("swapped").inc()
             self.last_reload = {"result": "swapped", "reason": reason, "generation": new.generation, "at": time.time()}
@@ -271,8 +274,7 @@ class Services:
             on_decision=self.metrics.decision,
             absent=self.absent_sizes,
         )
-        live = Live(config, self.metrics, family, family.store.tokenizer, engines, router, self._generation)
-        self._generation += 1
+        live = Live(config, self.metrics, family, family.store.tokenizer, engines, router)
         if self.live is not None:  # a reload: the new engines must answer before anything is swapped
             try:
                 await check_serves(live)
@@ -282,9 +284,19 @@ class Services:
         return live
 
     async def _retire(self, old: Live) -> None:
+        """Stop ``old``'s engines once its last request has ended. A request counted in that never
+        got to count itself out (a client gone before its stream began) holds it at most
+        ``RETIRE_IDLE_S`` after its engines ran their last request."""
         waited = time.monotonic()
+        idle_since: float | None = None
         while old.active > 0:
             await asyncio.sleep(0.05)
+            busy = any(e.load(size).running + e.load(size).waiting for size, e in old.engines.items())
+            idle_since = None if busy else (idle_since or time.monotonic())
+            if idle_since is not None and time.monotonic() - idle_since > RETIRE_IDLE_S:
+                log.warning("retiring family generation %d with %d request(s) counted in but its engines idle "
+                            "for %g s", old.generation, old.active, RETIRE_IDLE_S)  # fmt: skip
+                break
         await old.stop()
         log.info("retired family generation %d after %.1f s (its last request ended)", old.generation,
                  time.monotonic() - waited)  # fmt: skip
@@ -343,9 +355,8 @@ async def check_serves(live: Live) -> None:
     tokenizer = live.tokenizer
     first = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.encode("Hello")[0]
     for name, engine in live.engines.items():
-        request = GenerationRequest(
-            f"reload-check-{name}", name, (int(first),), SamplingParams(max_tokens=1, temperature=0)
-        )
+        greedy = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+        request = GenerationRequest(f"reload-check-{name}", name, (int(first),), greedy)
         got = 0
         async for event in engine.generate(request):
             got += len(event.token_ids)
