@@ -67,7 +67,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from boomerang_core.quality import curve
 
     family = _load_family(args)
-    result = curve.evaluate_cli(family, out_dir=Path(args.out), max_tokens=args.tokens)
+    result = curve.evaluate_cli(
+        family,
+        out_dir=Path(args.out),
+        max_tokens=args.tokens,
+        conversations=_heldout_conversations(args, family),
+        questions=args.questions,
+    )
     print(result)
     # Perplexities and dominated sizes go into family.json beside the student, so that
     # `boomerang sizes` and the server's /v1/models show them and the router skips dominated sizes.
@@ -80,6 +86,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if home is not None:
         print(f"saved sizes with perplexities to {family.save(home)}")
     return 0
+
+
+def _heldout_conversations(args: argparse.Namespace, family: Any) -> list[dict[str, Any]] | None:
+    """The teacher's held-out conversations for the chat KL (generated once, then cached), or None
+    when not asked for or the teacher has no chat template."""
+    if args.conversations <= 0 or not getattr(family.store.tokenizer, "chat_template", None):
+        return None
+    from boomerang_core.synth import teacher_conversations
+
+    if args.teacher is None:
+        from boomerang_core import demo
+
+        teacher: str | Path = demo.ensure_teacher(progress=False)
+    else:
+        teacher = args.teacher
+    return teacher_conversations(teacher, args.conversations, split="heldout")
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -127,10 +149,23 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     p.add_argument("out", help="output directory")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("eval", help="held-out perplexity of every size, with baselines; table + PNG")
+    p = sub.add_parser(
+        "eval", help="held-out perplexity, chat KL and answer accuracy of every size, with baselines; table + PNG"
+    )
     _family_args(p)
     p.add_argument("--out", default="eval-results", help="directory for curve.md and curve.png")
-    p.add_argument("--tokens", type=int, default=8192, help="held-out tokens to score (default: 8192)")
+    p.add_argument(
+        "--tokens", type=int, default=8192, help="held-out tokens of each text (Python docs, general) (default: 8192)"
+    )
+    p.add_argument(
+        "--conversations",
+        type=int,
+        default=32,
+        help="held-out teacher conversations for the chat KL, generated once and cached; 0: none (default: 32)",
+    )
+    p.add_argument(
+        "--questions", type=int, default=None, help="first N questions of the easy question set (default: all; 0: none)"
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("distill", help="prune-initialise and distil a student (default: build the demo family)")

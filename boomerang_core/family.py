@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -78,15 +78,16 @@ def dominated_flags(params: Sequence[int], scores: Sequence[float]) -> list[bool
     return flags
 
 
-def mark_dominated(sizes: Sequence[FamilySize]) -> list[FamilySize]:
+def mark_dominated(sizes: Sequence[FamilySize], never: Collection[str] = ()) -> list[FamilySize]:
     """Sizes in the same order, ``dominated`` set by :func:`dominated_flags` on their parameters
     and perplexities (of exact ties the earlier size stays: in a patch-order family, the one
-    patched less). Sizes without a perplexity are left as they are."""
+    patched less). Sizes without a perplexity are left as they are, and so are sizes whose plan key
+    is in ``never`` (the teacher: the full size is always served)."""
     scored = [i for i, s in enumerate(sizes) if s.perplexity is not None]
     flags = dominated_flags([sizes[i].params for i in scored], [sizes[i].perplexity or 0.0 for i in scored])
     out = list(sizes)
     for i, flag in zip(scored, flags, strict=True):
-        out[i] = replace(sizes[i], dominated=flag)
+        out[i] = replace(sizes[i], dominated=flag and sizes[i].plan.key not in never)
     return out
 
 
@@ -180,8 +181,10 @@ class Family:
 
     @property
     def servable(self) -> list[FamilySize]:
-        """Sizes the router may pick: not dominated, ascending parameters."""
-        return sorted((s for s in self.sizes if not s.dominated), key=lambda s: (s.params, s.k))
+        """Sizes the router may pick: not dominated, ascending parameters; of equal parameters the
+        teacher comes last, so that the largest size is the teacher whenever it is served."""
+        teacher = teacher_plan(self.store.num_teacher_layers).key
+        return sorted((s for s in self.sizes if not s.dominated), key=lambda s: (s.params, s.plan.key == teacher, s.k))
 
     @property
     def largest(self) -> FamilySize:

@@ -8,4 +8,9 @@
 - :mod:`.search`: the Pareto front over every plan the resident layers express (the demo family).
 - :mod:`.curve`: a family's held-out perplexity curve with both baselines (``boomerang eval``).
 - :mod:`.report`: the curve's result type, its verdicts, markdown report and PNG plot.
+- :mod:`.chat`: chat KL (teacher || plan) per response token on teacher conversations, and the
+  general text (a second perplexity domain).
+- :mod:`.qa`: the shipped easy question set, its matching rule and greedy answers of plans.
+- :mod:`.chateval`: chat KL, answer accuracy and both perplexities for the sizes, ShortGPT and the
+  teacher in one run (the chat columns of ``boomerang eval``).
 """

@@ -12,12 +12,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from boomerang_core.errors import StudentConfigError
 from boomerang_core.family import Family, mark_dominated
-from boomerang_core.plan import PATCH_ORDERS, SizePlan, enumerate_plans, patch_order
+from boomerang_core.plan import PATCH_ORDERS, SizePlan, enumerate_plans, patch_order, teacher_plan
 from boomerang_core.quality.baselines import block_influence, shortgpt_plan, undistilled_plan
 from boomerang_core.quality.klpatch import KLPatchResult, klpatch_search
 from boomerang_core.quality.report import CurvePoint, CurveResult
@@ -40,7 +41,8 @@ def evaluate_family(
     Calibration blocks (disjoint from the held-out ones) drive the KLPatch search (unless
     ``klpatch_result`` is given) and ShortGPT's block influence. Each distinct plan is scored
     once, so the student, the teacher and sizes shared by orders cost one pass each. Records the
-    perplexities and the dominated marks into ``family.sizes``. ``known`` maps
+    perplexities into ``family.sizes``, and the dominated marks by them unless the family was chosen by
+    another metric (``family.info["metric"]``, e.g. ``chat_kl``); the teacher is never dominated. ``known`` maps
     :attr:`SizePlan.key` to perplexities already measured on the same held-out blocks (e.g. the
     teacher-only baselines, computed before the student existed); those plans are not run again.
     """
@@ -76,7 +78,10 @@ def evaluate_family(
     def point(plan: SizePlan, name: str) -> CurvePoint:
         return CurvePoint(name, plan.k, plan.num_layers, store.plan_params(plan), scores[plan.key])
 
-    family.sizes = mark_dominated([replace(s, perplexity=scores[s.plan.key], dominated=False) for s in family.sizes])
+    sized = [replace(s, perplexity=scores[s.plan.key]) for s in family.sizes]
+    if family.info.get("metric", "ppl") == "ppl":  # a family chosen by another metric keeps its dominance
+        sized = mark_dominated([replace(s, dominated=False) for s in sized], never={teacher_plan(n_teacher).key})
+    family.sizes = sized
     result = CurveResult(
         family=family.name,
         family_order=family.order,
@@ -103,11 +108,28 @@ def evaluate_family(
 
 
 def evaluate_cli(
-    family: Family, out_dir: Path, max_tokens: int = 8192, seq_len: int = 256, calib_blocks: int = 4
+    family: Family,
+    out_dir: Path,
+    max_tokens: int = 8192,
+    seq_len: int = 256,
+    calib_blocks: int = 4,
+    *,
+    conversations: Sequence[Mapping[str, Any]] | None = None,
+    questions: int | None = None,
+    general: bool = True,
 ) -> str:
     """``boomerang eval``: score a family on the held-out split of the built-in corpus and write
-    ``curve.md`` and ``curve.png`` into ``out_dir``. Returns a short summary for the terminal."""
+    ``curve.md`` and ``curve.png`` into ``out_dir``. Returns a short summary for the terminal.
+
+    Beside the curve, for the family's sizes, ShortGPT at their layer counts and the teacher
+    (:mod:`.chateval`): chat KL on the held-out ``conversations`` (teacher conversations, as
+    :func:`boomerang_core.synth.teacher_conversations` writes them), accuracy on the first
+    ``questions`` of the shipped question set (all by default; 0 for none; a tokenizer without a
+    chat template answers none), and perplexity on ``max_tokens`` of the general text."""
     from boomerang_core.data import corpus_texts, token_blocks
+    from boomerang_core.quality.chat import chat_set, general_blocks
+    from boomerang_core.quality.chateval import accuracy_summary, evaluate_chat
+    from boomerang_core.quality.qa import load_qa
 
     tokenizer = family.store.tokenizer
     if tokenizer is None:
@@ -116,7 +138,27 @@ def evaluate_cli(
     heldout_ids = token_blocks(tokenizer, heldout, seq_len, max_blocks=max(1, max_tokens // seq_len))
     calib_ids = token_blocks(tokenizer, calib, seq_len, max_blocks=calib_blocks)
     result = evaluate_family(family, heldout_ids, calib_ids)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    items = list(load_qa())[:questions] if has_template else []
+    chat = chat_set(tokenizer, conversations) if conversations and has_template else None
+    general_ids = general_blocks(tokenizer, seq_len, max_blocks=max(1, max_tokens // seq_len)) if general else None
+    result.chat = evaluate_chat(
+        family.store,
+        [(s.name, s.plan, s.dominated) for s in family.sizes],
+        influence=result.block_influence,
+        chat=chat,
+        questions=items,
+        pydoc_blocks=heldout_ids,
+        general_blocks=general_ids,
+        known_pydoc=result.scores,
+        family=family.name,
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "curve.md").write_text(result.to_markdown())
     result.plot(out_dir / "curve.png")
-    return family.table() + f"\n\nwrote {out_dir / 'curve.md'} and {out_dir / 'curve.png'}"
+    return (
+        family.table()
+        + "\n\n"
+        + accuracy_summary(result.chat)
+        + f"\n\nwrote {out_dir / 'curve.md'} and {out_dir / 'curve.png'}"
+    )

@@ -7,8 +7,12 @@ import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from boomerang_core.quality.klpatch import KLPatchResult
+
+if TYPE_CHECKING:
+    from boomerang_core.quality.chateval import ChatEvalResult
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class CurveResult:
     calib_tokens: int
     seconds: float
     scores: dict[str, float] = field(default_factory=dict)  # SizePlan.key -> perplexity, every plan run
+    chat: ChatEvalResult | None = None  # chat KL, QA accuracy, general-text perplexity (boomerang eval)
 
     # --- verdicts -----------------------------------------------------------------------------
 
@@ -251,6 +256,8 @@ def curve_markdown(r: CurveResult) -> str:
             sg = r.shortgpt[n]
             dropped = ", ".join(map(str, r.shortgpt_dropped[n])) or "none"
             out.append(f"| {n} | {_mparams(sg.params)} | {_ppl(sg.perplexity)} | {dropped} |")
+    if r.chat is not None:
+        out += ["", r.chat.to_markdown().rstrip("\n")]
     return "\n".join(out) + "\n"
 
 
@@ -261,13 +268,19 @@ def _line(ax: object, pts: list[CurvePoint], **kw: object) -> None:
 
 def curve_plot(r: CurveResult, path: Path) -> Path:
     """Two panels, log perplexity against millions of parameters: everything (the undistilled
-    baseline can be orders of magnitude worse), and a zoom on the family, its orders and ShortGPT."""
+    baseline can be orders of magnitude worse), and a zoom on the family, its orders and ShortGPT.
+    With chat results, four more below: chat KL, QA accuracy, Python-docs and general-text perplexity
+    of the served sizes, ShortGPT and the teacher."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    rows = 3 if r.chat is not None else 1
+    fig, grid = plt.subplots(rows, 2, figsize=(13, 5 * rows), squeeze=False)
+    axes = grid[0]
+    if r.chat is not None:
+        r.chat.plot(list(grid[1:].flat))
     undistilled = [
         CurvePoint(p.name, p.k, p.num_layers, p.params, u) for p, u in zip(r.sizes, r.undistilled, strict=True)
     ]

@@ -14,6 +14,10 @@ Two scores per plan, both in nats per token:
 - ``nll``: mean next-token negative log-likelihood, counted exactly as
   :func:`perplexity` counts it (``exp(nll)`` is that perplexity);
 - ``kl``: mean KL(teacher || plan) over every position, when the teacher's distributions are given.
+
+A teacher pass may carry a mask of the positions that count (a chat conversation's response
+tokens: :mod:`~boomerang_core.quality.chat`); then both scores are means over those positions
+only, and the teacher's distributions are kept at those positions only.
 """
 
 from __future__ import annotations
@@ -45,21 +49,40 @@ class PlanScore:
 class TeacherPass:
     """The teacher on a set of blocks, computed once: per batch, the token ids, the hidden state at
     every teacher layer boundary (``states[b][i]`` enters teacher layer ``i``; ``states[b][N]``
-    leaves the last layer, before the final norm) and the next-token distributions."""
+    leaves the last layer, before the final norm; empty when not kept) and the next-token
+    distributions. With ``masks``, only the positions ``masks[b]`` marks count (position ``t``
+    predicts token ``t + 1``) and ``probs[b]`` holds the distributions at those positions only."""
 
     batches: list[torch.Tensor]  # (batch, seq) token ids
-    states: list[list[torch.Tensor]]  # per batch, N + 1 tensors (batch, seq, hidden)
-    probs: list[torch.Tensor]  # (batch, seq, vocab) float32
-    neg_entropy: list[float]  # per batch: sum over positions of sum_v p log p, nats
+    states: list[list[torch.Tensor]]  # per batch, N + 1 tensors (batch, seq, hidden), or none
+    probs: list[torch.Tensor]  # (batch, seq, vocab) float32; (counted positions, vocab) with masks
+    neg_entropy: list[float]  # per batch: sum over counted positions of sum_v p log p, nats
+    masks: list[torch.Tensor] | None = None  # per batch, (batch, seq) bool
 
     @property
     def num_positions(self) -> int:
+        """Positions that count: every position, or those the masks mark."""
+        if self.masks is not None:
+            return sum(int(m.sum()) for m in self.masks)
         return sum(ids.numel() for ids in self.batches)
 
+    @property
+    def num_predicted(self) -> int:
+        """Next-token predictions that count: all but each row's last position, or those masked."""
+        if self.masks is not None:
+            return self.num_positions
+        return sum(ids[:, 1:].numel() for ids in self.batches)
+
     def kl_sum(self, b: int, logp: torch.Tensor) -> float:
-        """KL(teacher || plan) summed over the positions of batch ``b``, nats; ``logp``: the plan's
-        log-probabilities on that batch, ``(batch, seq, vocab)``."""
+        """KL(teacher || plan) summed over the counted positions of batch ``b``, nats; ``logp``:
+        the plan's log-probabilities on that batch, ``(batch, seq, vocab)``."""
+        if self.masks is not None:
+            logp = logp[self.masks[b]]  # (counted positions, vocab)
         return self.neg_entropy[b] - float((self.probs[b] * logp).sum())
+
+    def nll_sum(self, b: int, logp: torch.Tensor) -> float:
+        """Next-token NLL summed over the counted predictions of batch ``b``, nats."""
+        return next_token_nll(logp, self.batches[b], self.masks[b] if self.masks is not None else None)
 
 
 def split_blocks(store: LayerStore, blocks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -69,20 +92,48 @@ def split_blocks(store: LayerStore, blocks: torch.Tensor, batch_size: int) -> li
 
 
 @torch.no_grad()
-def teacher_pass(store: LayerStore, blocks: torch.Tensor, batch_size: int = 4) -> TeacherPass:
+def teacher_pass(
+    store: LayerStore,
+    blocks: torch.Tensor,
+    batch_size: int = 4,
+    *,
+    mask: torch.Tensor | None = None,
+    keep_states: bool = True,
+) -> TeacherPass:
     """One teacher forward over ``blocks`` (``(n, seq)`` token ids), keeping what every later
-    score needs: the boundary hidden states and the teacher's next-token distributions."""
+    score needs: the boundary hidden states (unless ``keep_states`` is false) and the teacher's
+    next-token distributions.
+
+    ``mask`` (``(n, seq)`` bool) marks the positions that count: position ``t`` counts when its
+    prediction of token ``t + 1`` does, so the last column must be false. Rows are right-padded
+    sequences (causal attention: padding after a position never changes it); each batch is cut
+    after its last counted prediction, so sorting rows by length saves most padding."""
     plan = teacher_plan(store.num_teacher_layers)
     batches = split_blocks(store, blocks, batch_size)
+    masks: list[torch.Tensor] | None = None
+    if mask is not None:
+        if mask.shape != blocks.shape or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be bool of shape {tuple(blocks.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+        if bool(mask[:, -1].any()):
+            raise ValueError("the last position has no next token to predict: mask[:, -1] must be false")
+        masks, trimmed = [], []
+        for ids, m in zip(batches, mask.to(store.device).split(batch_size), strict=True):
+            counted = m.any(0).nonzero()
+            end = int(counted.max()) + 2 if counted.numel() else 2
+            trimmed.append(ids[:, :end])
+            masks.append(m[:, :end])
+        batches = trimmed
     states, probs, neg_entropy = [], [], []
-    for ids in batches:
+    for b, ids in enumerate(batches):
         path: list[torch.Tensor] = []
         logp = advance(store, plan, path, ids, shared=-1)
+        if masks is not None:
+            logp = logp[masks[b]]  # (counted positions, vocab)
         p = logp.exp()
-        states.append(path)
+        states.append(path if keep_states else [])
         probs.append(p)
         neg_entropy.append(float((p * logp).sum()))
-    return TeacherPass(batches=batches, states=states, probs=probs, neg_entropy=neg_entropy)
+    return TeacherPass(batches=batches, states=states, probs=probs, neg_entropy=neg_entropy, masks=masks)
 
 
 def run_layers(store: LayerStore, plan: SizePlan, refs: Sequence[LayerRef], hidden: torch.Tensor) -> list[torch.Tensor]:
@@ -133,11 +184,11 @@ def score_plans(
         raise ValueError("give the token blocks, or a TeacherPass to score against")
     if teacher is not None:
         batches = teacher.batches
+        n_predicted, n_positions = teacher.num_predicted, teacher.num_positions
     else:
         assert blocks is not None
         batches = split_blocks(store, blocks, batch_size)
-    n_predicted = sum(ids[:, 1:].numel() for ids in batches)
-    n_positions = sum(ids.numel() for ids in batches)
+        n_predicted, n_positions = sum(ids[:, 1:].numel() for ids in batches), 0
     visit = sorted({p.key: p for p in plans}.values(), key=lambda p: p.prefix_order)
     # stacks[b][d]: input of depth d of the current plan for batch b; stacks[b][0] is the embedding.
     stacks: list[list[torch.Tensor]] = [[] for _ in batches]
@@ -148,9 +199,11 @@ def score_plans(
         nll_sum, kl_sum = 0.0, 0.0
         for b, ids in enumerate(batches):
             logp = advance(store, plan, stacks[b], ids, shared)  # (batch, seq, vocab)
-            nll_sum += next_token_nll(logp, ids)
             if teacher is not None:
+                nll_sum += teacher.nll_sum(b, logp)
                 kl_sum += teacher.kl_sum(b, logp)
+            else:
+                nll_sum += next_token_nll(logp, ids)
         current = plan
         scores[plan.key] = PlanScore(
             nll=nll_sum / n_predicted, kl=kl_sum / n_positions if teacher is not None else None
@@ -209,6 +262,10 @@ def advance(
     return final_log_probs(store, plan, stack[-1])
 
 
-def next_token_nll(logp: torch.Tensor, ids: torch.Tensor) -> float:
-    """Summed negative log-likelihood of each next token of ``ids`` (``(batch, seq)``), nats."""
-    return float(-logp[:, :-1].gather(-1, ids[:, 1:, None]).sum())
+def next_token_nll(logp: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """Summed negative log-likelihood of each next token of ``ids`` (``(batch, seq)``), nats; with
+    ``mask`` (``(batch, seq)`` bool), of the tokens after the marked positions only."""
+    picked = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # (batch, seq - 1)
+    if mask is not None:
+        picked = picked[mask[:, :-1]]
+    return float(-picked.sum())
