@@ -34,7 +34,7 @@ from boomerang_core.build import (  # noqa: F401  (re-exported: the demo's calib
     search_seeds,
     searched_family,
 )
-from boomerang_core.distill import RECIPE_FILE, DistillConfig
+from boomerang_core.distill import CHECKPOINTS, RECIPE_FILE, DistillConfig
 from boomerang_core.errors import ModelNotFound
 from boomerang_core.family import FAMILY_FILE, Family
 from boomerang_core.store import LayerStore
@@ -135,6 +135,8 @@ def ensure_demo(cache_dir: str | Path | None = None, progress: bool = True, stat
     ``status``: where the stages are reported (:mod:`boomerang_core.build`)."""
     teacher = ensure_teacher(cache_dir, progress)
     student = demo_dir(cache_dir) / "student"
+    if finished_student(student):  # the resume state of a finished run (optimizer included: ~1.7 GB) goes
+        shutil.rmtree(student / CHECKPOINTS, ignore_errors=True)
     if _current_family(student):
         return student
     if finished_student(student) and progress and not _student_matches_recipe(student):
