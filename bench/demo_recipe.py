@@ -1,6 +1,6 @@
 """What moves the demo family's curve: the demo recipe at a reduced token budget, then one change
-at a time (learning rate, loss weights, teacher layers kept, tokens), each distilled from scratch
-and scored on held-out text.
+at a time (learning rate, loss weights, teacher layers kept, tokens, the data mix), each distilled
+from scratch and scored on held-out text.
 
     .venv/bin/python bench/demo_recipe.py [--tokens 20480] [--only base,lr3e-4] [--served MINUTES]
 
@@ -11,7 +11,11 @@ perplexity (token level, the corpus's held-out split, ``--heldout-blocks`` x 256
 - the student alone;
 - every size of the ``last`` patch order, one per layer count (the lowest k reaching it), summed
   up as the geometric mean over the counts: the curve a user of the family would see;
-- the middle of the curve (the count halfway between the student's and the teacher's).
+- the middle of the curve (the count halfway between the student's and the teacher's);
+- the same curve on the teacher's own held-out conversations (``--chat-blocks`` x 256 tokens of
+  :func:`boomerang_core.synth.teacher_conversations`, split ``heldout``, rendered by the chat
+  template): what the data mix (``chat_fraction``, the share of training tokens that are the
+  teacher's ``train`` conversations) is for.
 
 ``--served MINUTES`` also scores the demo cache's own student (``DEMO_RECIPE`` at its full budget,
 as ``make serve`` distils it) as the row ``served``; MINUTES is how long that distillation took.
@@ -34,7 +38,7 @@ from typing import Any
 import torch
 
 from boomerang_core import demo
-from boomerang_core.data import corpus_texts, token_blocks
+from boomerang_core.data import chat_stream, corpus_texts, token_blocks
 from boomerang_core.distill import DistillConfig, distill
 from boomerang_core.family import Family
 from boomerang_core.plan import SizePlan
@@ -60,11 +64,22 @@ VARIANTS = (
     Variant("cos0", "cosine (layer-alignment) weight 2.0 -> 0", {"cosine_weight": 0.0}),
     Variant("first4", "keep the first 4 teacher layers, not 2 (18 student layers)", {"first_layers_to_keep": 4}),
     Variant("tokens3x", "three times the tokens", {}, token_factor=3.0),
+    Variant(
+        "chat0.5",
+        "half the tokens from the teacher's own conversations (chat_fraction 0 -> 0.5)",
+        {"chat_fraction": 0.5},
+    ),
     # the two changes that helped, together (not a one-change row: it checks that they add up)
     Variant(
         "first4-lr3e-4",
         "first4 and lr3e-4 together",
         {"first_layers_to_keep": 4, "learning_rate": 3e-4},
+    ),
+    # the data mix on top of the demo recipe's changes: compare with first4-lr3e-4
+    Variant(
+        "first4-lr3e-4-chat0.5",
+        "first4-lr3e-4 with half the tokens from the teacher's own conversations",
+        {"first_layers_to_keep": 4, "learning_rate": 3e-4, "chat_fraction": 0.5},
     ),
 )
 
@@ -87,7 +102,7 @@ def curve_plans(family: Family) -> list[SizePlan]:
     return [by_count[c] for c in sorted(by_count)]
 
 
-def score(teacher: Path, student: Path, heldout: torch.Tensor) -> dict[str, Any]:
+def score(teacher: Path, student: Path, heldout: torch.Tensor, chat: torch.Tensor | None = None) -> dict[str, Any]:
     store = LayerStore.load(teacher, student)
     assert store.spec is not None
     family = Family.from_store("recipe", store, order="last")
@@ -95,7 +110,17 @@ def score(teacher: Path, student: Path, heldout: torch.Tensor) -> dict[str, Any]
     ppl = [math.exp(s.nll) for s in score_plans(store, plans, heldout)]
     counts = [p.num_layers for p in plans]
     middle = counts[len(counts) // 2]
+    chat_scores: dict[str, Any] = {}
+    if chat is not None:
+        chat_ppl = [math.exp(s.nll) for s in score_plans(store, plans, chat)]
+        chat_scores = {
+            "chat_student_ppl": chat_ppl[0],
+            "chat_curve_geomean_ppl": math.exp(sum(math.log(p) for p in chat_ppl) / len(chat_ppl)),
+            "chat_middle_ppl": chat_ppl[counts.index(middle)],
+            "chat_curve": dict(zip(counts, chat_ppl, strict=True)),
+        }
     return {
+        **chat_scores,
         "student_layers": store.spec.num_student_layers,
         "student_ppl": ppl[0],
         "curve_geomean_ppl": math.exp(sum(math.log(p) for p in ppl) / len(ppl)),
@@ -112,6 +137,9 @@ def main() -> None:
     ap.add_argument("--heldout-blocks", type=int, default=4, help="held-out blocks of 256 tokens")
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument(
+        "--chat-blocks", type=int, default=4, help="held-out teacher-conversation blocks of 256 tokens (0: none)"
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "demo_recipe_table")
     ap.add_argument(
         "--served",
@@ -129,6 +157,7 @@ def main() -> None:
     results_file = a.out.with_suffix(".json")
     results: dict[str, Any] = json.loads(results_file.read_text()) if results_file.is_file() else {}
     heldout: torch.Tensor | None = None
+    chat = chat_heldout_blocks(teacher, a.chat_blocks) if a.chat_blocks else None
     for variant in variants:
         recipe = recipe_for(variant, a.tokens)
         out = work / f"{variant.name}-{recipe.token_budget}"
@@ -140,7 +169,7 @@ def main() -> None:
         if heldout is None:
             heldout = heldout_blocks(teacher, a.heldout_blocks)
         clock = time.perf_counter()
-        row = score(teacher, out, heldout)
+        row = score(teacher, out, heldout, chat)
         row.update(
             change=variant.change,
             tokens=recipe.token_budget,
@@ -160,7 +189,7 @@ def main() -> None:
     if a.served is not None:
         if heldout is None:
             heldout = heldout_blocks(teacher, a.heldout_blocks)
-        row = score(teacher, demo.ensure_demo(), heldout)
+        row = score(teacher, demo.ensure_demo(), heldout, chat)
         row.update(
             change="the demo recipe (first4-lr3e-4, batch 8) at its full budget: the served student",
             tokens=demo.DEMO_RECIPE.token_budget,
@@ -180,6 +209,15 @@ def heldout_blocks(teacher: Path, blocks: int) -> torch.Tensor:
     return token_blocks(tokenizer, texts, 256, max_blocks=blocks)
 
 
+def chat_heldout_blocks(teacher: Path, blocks: int) -> torch.Tensor:
+    """The teacher's held-out conversations (never trained on: another split than ``train``), in
+    blocks of 256 tokens."""
+    tokenizer = LayerStore.load(teacher).tokenizer
+    assert tokenizer is not None
+    stream = chat_stream(teacher, tokenizer, blocks * 256, split="heldout")
+    return torch.tensor(stream[: blocks * 256], dtype=torch.long).view(blocks, 256)
+
+
 def write_table(results: dict[str, Any], a: argparse.Namespace, path: Path) -> None:
     base = results.get("base")
     lines = [
@@ -190,22 +228,28 @@ def write_table(results: dict[str, Any], a: argparse.Namespace, path: Path) -> N
         f"{a.heldout_blocks * 256:,} tokens of the held-out split. **curve**: geometric mean over one `last`-order "
         "size per layer count, student to teacher (a student with more layers starts its curve higher up: compare "
         "the middle column, the same layer count for every variant, too). Lower is better; the deltas are against "
-        "`base`. Train minutes depend on how busy the shared machine was (load average column).",
+        "`base`. **chat** columns: the same curve on "
+        f"{a.chat_blocks * 256:,} tokens of the teacher's own held-out conversations (a split the `chat_fraction` rows "
+        "never train on; `-`: the row was scored before this column existed). "
+        "Train minutes depend on how busy the shared machine was (load average column).",
         "",
         "`boomerang_core.demo.DEMO_RECIPE` now takes the best row, `first4-lr3e-4`, at its full budget "
         f"({demo.DEMO_RECIPE.token_budget:,} tokens): the row `served`, when present, is that student as the "
         "demo cache holds it (distilled by `make serve`'s first start).",
         "",
-        "| variant | change | tokens | student layers | student ppl | curve ppl | middle ppl | vs base (curve) "
-        "| train min | load avg |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | change | tokens | chat fraction | student layers | student ppl | curve ppl | middle ppl "
+        "| vs base (curve) | chat curve ppl | chat middle ppl | train min | load avg |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in results.items():
         delta = f"{r['curve_geomean_ppl'] / base['curve_geomean_ppl'] - 1:+.1%}" if base else ""
+        chat_curve = f"{r['chat_curve_geomean_ppl']:.1f}" if "chat_curve_geomean_ppl" in r else "-"
+        chat_middle = f"{r['chat_middle_ppl']:.1f}" if "chat_middle_ppl" in r else "-"
+        fraction = r.get("recipe", {}).get("chat_fraction", 0.0)
         lines.append(
-            f"| {name} | {r['change']} | {r['tokens']:,} | {r['student_layers']} | {r['student_ppl']:.1f} "
-            f"| {r['curve_geomean_ppl']:.1f} | {r['middle_ppl']:.1f} ({r['middle_layers']}) | {delta} "
-            f"| {r['train_min']} | {r['load_avg']} |"
+            f"| {name} | {r['change']} | {r['tokens']:,} | {fraction:g} | {r['student_layers']} "
+            f"| {r['student_ppl']:.1f} | {r['curve_geomean_ppl']:.1f} | {r['middle_ppl']:.1f} ({r['middle_layers']}) "
+            f"| {delta} | {chat_curve} | {chat_middle} | {r['train_min']} | {r['load_avg']} |"
         )
     path.write_text("\n".join(lines) + "\n")
     print(f"wrote {path}", flush=True)
