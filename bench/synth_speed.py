@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from boomerang_core import demo, synth
 from boomerang_core.loading import load_tokenizer
 
@@ -30,8 +32,11 @@ def main() -> None:
     ap.add_argument("--engines", default="transformers,vllm")
     ap.add_argument("--budget", type=int, default=150_000, help="token budget of the recipe to estimate for")
     ap.add_argument("--chat-fraction", type=float, default=0.5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads of the transformers arm (0: torch's default)")
     ap.add_argument("--out", type=Path, default=RESULTS / "synth_speed.md")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     teacher = demo.ensure_teacher()
     tokenizer = load_tokenizer(teacher)
     settings = synth.SynthSettings()
@@ -74,6 +79,7 @@ def main() -> None:
         f"Demo teacher (SmolLM2-135M-Instruct, float32), at least {a.count} conversations per arm "
         f"(whole batches), batch {a.batch_size}, "
         f"settings {settings}; wall time includes loading the model (and vLLM's start-up) and the filters. "
+        f"transformers on {torch.get_num_threads()} torch thread(s), vLLM bound to every core. "
         "One run, arms one after the other on a shared 2-core machine (load average column).",
         "",
         "| engine | kept | drawn | finished answers | wall s | conv/min | vs first | tokens/conv | load avg | "
