@@ -169,7 +169,7 @@ def _student_matches_recipe(student: Path) -> bool:
     recorded = student / RECIPE_FILE
     if not recorded.is_file():
         return True
-    old = json.loads(recorded.read_text())
+    old = DistillConfig.from_dict(json.loads(recorded.read_text())).to_dict()  # fields added since: defaults
     new = DEMO_RECIPE.to_dict()
     return all(old.get(k) == v for k, v in new.items() if k not in ("save_steps", "save_total_limit", "logging_steps"))
 
