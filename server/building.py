@@ -144,8 +144,11 @@ class FamilyBuild:
         log.info("building the family in the background (log: %s)", job.log_file)
         try:
             with job.log_file.open("ab") as out:
+                # its own process group (a terminal's Ctrl-C is the server's to handle, and a stop reaches
+                # the whole build), but the server's session: where the kernel groups CPU time by session
+                # (autogroup), a new session would be a peer of the server and its nice value moot
                 self._process = await asyncio.create_subprocess_exec(
-                    *job.command, stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
+                    *job.command, stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL, process_group=0
                 )
             code = await self._follow(self._process)
         except asyncio.CancelledError:
