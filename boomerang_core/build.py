@@ -16,6 +16,7 @@ distilled is only searched. The status file is replaced atomically at each updat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -301,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "to interim/family.json next to the status file; 0: none",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    with contextlib.suppress(OSError):  # a group of its own, so that one signal stops the whole build
+        os.setpgid(0, 0)
     if args.nice:
         os.nice(args.nice)
     if args.threads:

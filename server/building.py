@@ -144,18 +144,20 @@ class FamilyBuild:
         log.info("building the family in the background (log: %s)", job.log_file)
         try:
             with job.log_file.open("ab") as out:
-                # its own process group (a terminal's Ctrl-C is the server's to handle, and a stop reaches
-                # the whole build), but the server's session: where the kernel groups CPU time by session
-                # (autogroup), a new session would be a peer of the server and its nice value moot
+                # the build makes itself a process group (a terminal's Ctrl-C is the server's to handle,
+                # and a stop reaches the whole build) but stays in the server's session: where the kernel
+                # shares CPU time out by session (autogroup), a new session would be a peer of the server
+                # and its nice value moot
                 self._process = await asyncio.create_subprocess_exec(
-                    *job.command, stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL, process_group=0
+                    *job.command, stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL
                 )
             code = await self._follow(self._process)
         except asyncio.CancelledError:
             await self._terminate()
             raise
-        except OSError as exc:
-            self._failed(f"the build could not start: {exc}")
+        except Exception as exc:
+            await self._terminate()
+            self._failed(f"the build could not run: {type(exc).__name__}: {exc}")
             return
         self._read()
         if code != 0 or self.state.get("stage") != "done":
@@ -212,11 +214,19 @@ class FamilyBuild:
         process = self._process
         if process is None or process.returncode is not None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
+        _signal_group(process, signal.SIGTERM)
         try:
             await asyncio.wait_for(process.wait(), STOP_GRACE_S)
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+            _signal_group(process, signal.SIGKILL)
             await process.wait()
+
+
+def _signal_group(process: asyncio.subprocess.Process, sig: int) -> None:
+    """``sig`` to the build's process group (it makes one at its start), or to the process alone if
+    it has not made it yet."""
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(sig)
