@@ -125,7 +125,7 @@ DEMO_RECIPE = DistillConfig(
 
 # Bump when the way the served family is chosen changes: a cached family.json of an older version
 # is searched again (the distilled student is kept).
-DEMO_FAMILY_VERSION = 2
+DEMO_FAMILY_VERSION = 3  # 3: the largest size is the teacher itself
 
 
 def ensure_demo(cache_dir: str | Path | None = None, progress: bool = True, status: BuildStatus | None = None) -> Path:
