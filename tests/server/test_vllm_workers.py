@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +62,24 @@ def expected_tokens(family: Family, size: str, n: int) -> list[int]:
 
 
 async def run(
-    pool: TierPool, size: str, rid: str, sampling: SamplingParams, first: asyncio.Event | None = None
+    pool: TierPool,
+    size: str,
+    rid: str,
+    sampling: SamplingParams,
+    first: asyncio.Event | None = None,
+    at_first: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
+    """The request's tokens and error. ``at_first`` runs the moment its first token arrives, before
+    anything else can run: a fault injected there lands while the worker still generates (a tiny
+    model on a quiet machine streams its 500 tokens in well under a second)."""
     tokens: list[int] = []
     error = None
     try:
         async for event in pool.generate(GenerationRequest(rid, size, PROMPT, sampling)):
             tokens += event.token_ids
+            if tokens and at_first is not None:
+                at_first()
+                at_first = None
             if first is not None and tokens:
                 first.set()
     except EngineError as exc:
@@ -134,10 +147,10 @@ async def scenario(workdir: Path) -> dict[str, Any]:
         # kill -9 of the small size's API server while it streams; the large size streams on
         killed = workers[SMALL]
         first = asyncio.Event()
-        small_task = asyncio.create_task(run(pool, SMALL, "kill-small", greedy(STREAM), first))
+        kill = functools.partial(os.kill, killed.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        small_task = asyncio.create_task(run(pool, SMALL, "kill-small", greedy(STREAM), first, kill))
         large_task = asyncio.create_task(run(pool, LARGE, "kill-large", greedy(STREAM)))
         await asyncio.wait_for(first.wait(), timeout=60)
-        os.kill(killed.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
         out["killed_stream"], out["other_stream"] = await asyncio.gather(small_task, large_task)
         healthy_all_along = pool.healthy()
         for _ in range(600):  # a new worker: ~25 s to start here
@@ -170,11 +183,14 @@ async def hang_a_worker(pool: TierPool, hung: VllmWorker) -> dict[str, Any]:
     it with no token yet; until a replacement serves, the pool's health is sampled."""
     assert hung.proc is not None
     first = asyncio.Event()
-    streaming = asyncio.create_task(run(pool, MID, "hung-stream", greedy(STREAM), first))
-    await asyncio.wait_for(first.wait(), timeout=60)
     stopped = process_tree(hung.proc.pid)
-    for p in stopped:
-        p.suspend()
+
+    def suspend() -> None:
+        for p in stopped:
+            p.suspend()
+
+    streaming = asyncio.create_task(run(pool, MID, "hung-stream", greedy(STREAM), first, suspend))
+    await asyncio.wait_for(first.wait(), timeout=60)
     waiting = asyncio.create_task(run(pool, MID, "hung-waiting", greedy(12)))  # goes to the stopped worker
     out: dict[str, Any] = {"stopped": len(stopped)}
     healthy_all_along = pool.healthy()
