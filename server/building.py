@@ -167,6 +167,9 @@ class FamilyBuild:
         log.info("family built in %.0f s; loading it live", time.monotonic() - started)
         try:
             await self.on_ready()
+        except Exception as exc:  # refused: the reload logged why, and the current family keeps serving
+            self.error = f"the built family could not be loaded: {exc}"
+            self.metrics.build("failed", list(self.state.get("stages", [])), 1.0, None)
         finally:
             self.finished = True
 
