@@ -37,13 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(HERE), str(REPO)]
 
-from vllm_serve_bench import family_dirs  # noqa: E402
+from vllm_serve_bench import family_dirs, gateway_config  # noqa: E402
 
 from tests.server import live  # noqa: E402
 
@@ -62,23 +61,6 @@ def two_sizes(teacher: Path, student: Path) -> dict[str, tuple[str, int]]:
     small = min(family.servable, key=lambda s: (s.plan.num_layers, s.name))
     large = family.largest
     return {"small": (small.name, small.plan.num_layers), "large": (large.name, large.plan.num_layers)}
-
-
-def gateway_config(work: Path, teacher: Path, student: Path, sizes: dict[str, tuple[str, int]], arm: str) -> Path:
-    engine = "local" if arm == "local" else "vllm"
-    tiers = [{"name": tier, "size": size, "engine": engine} for tier, (size, _) in sizes.items()]
-    vllm = {"max_model_len": MAX_MODEL_LEN, "max_num_seqs": MAX_NUM_SEQS, "kv_cache_gb": KV_GB,
-            "mode": "process" if arm == "workers" else "in_process"}  # fmt: skip
-    config: dict[str, Any] = {
-        "family": {"name": FAMILY, "teacher": str(teacher), "student": str(student)},
-        "tiers": tiers,
-        "engines": {"local": {"max_batch_size": MAX_NUM_SEQS}, "vllm": vllm},
-        "limits": {"max_tokens": MAX_MODEL_LEN},
-        "auth": {"api_key_env": "BENCH_NO_KEY"},
-    }
-    path = work / f"{arm}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def stream(url: str, tier: str, tokens: int, start: threading.Barrier, out: list[dict[str, Any]]) -> None:
@@ -157,7 +139,7 @@ class LoadSampler:
 
 def run_arm(arm: str, work: Path, teacher: Path, student: Path, sizes: dict[str, tuple[str, int]],
             args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
-    config = gateway_config(work, teacher, student, sizes, arm)
+    config = gateway_config(work, teacher, student, {t: size for t, (size, _) in sizes.items()}, arm, KV_GB)
     port = live.free_port()
     env = {k: v for k, v in os.environ.items() if k != "BENCH_NO_KEY"}
     argv = [sys.executable, "-m", "server.run", str(config), "--port", str(port)]

@@ -78,13 +78,16 @@ def largest_size(teacher: Path, student: Path) -> str:
     return largest.name
 
 
-def gateway_config(work: Path, teacher: Path, student: Path, size: str, arm: str) -> Path:
-    tier: dict[str, Any] = {"name": "teacher", "size": size, "engine": "local" if arm == "local" else "vllm"}
-    vllm = {"max_model_len": MAX_MODEL_LEN, "max_num_seqs": MAX_NUM_SEQS, "kv_cache_gb": KV_GB}
-    vllm["mode"] = "process" if arm == "workers" else "in_process"
+def gateway_config(
+    work: Path, teacher: Path, student: Path, tiers: dict[str, str], arm: str, kv_gb: float = KV_GB
+) -> Path:
+    """The deploy file of one arm: ``tiers`` (tier name -> size) on the arm's engine."""
+    engine = "local" if arm == "local" else "vllm"
+    vllm = {"max_model_len": MAX_MODEL_LEN, "max_num_seqs": MAX_NUM_SEQS, "kv_cache_gb": kv_gb,
+            "mode": "process" if arm == "workers" else "in_process"}  # fmt: skip
     config: dict[str, Any] = {
         "family": {"name": FAMILY, "teacher": str(teacher), "student": str(student)},
-        "tiers": [tier],
+        "tiers": [{"name": name, "size": size, "engine": engine} for name, size in tiers.items()],
         "engines": {"local": {"max_batch_size": MAX_NUM_SEQS}, "vllm": vllm},
         "limits": {"max_tokens": MAX_MODEL_LEN},
         "auth": {"api_key_env": "BENCH_NO_KEY"},
@@ -107,7 +110,7 @@ def start_arm(arm: str, work: Path, teacher: Path, student: Path, size: str) -> 
         server = live.spawn(argv, port, log, {**env, "VLLM_CPU_KVCACHE_SPACE": str(KV_GB)})
         model = "teacher"
     else:
-        config = gateway_config(work, teacher, student, size, arm)
+        config = gateway_config(work, teacher, student, {"teacher": size}, arm)
         argv = [sys.executable, "-m", "server.run", str(config), "--port", str(port)]
         server = live.spawn(argv, port, log, {**env, "PYTHONPATH": str(REPO)})
         model = f"{FAMILY}:teacher"
