@@ -143,6 +143,13 @@ def training_blocks(seq_len: int = 32, max_blocks: int = 8) -> torch.Tensor:
     return token_blocks(tiny_tokenizer(), texts, seq_len, max_blocks=max_blocks)
 
 
+def noisy_pair(layers: int = 6) -> tuple[PreTrainedModel, PreTrainedModel, StudentSpec]:
+    """A llama teacher and its pruned student with noise on the copies (so that no plan ties)."""
+    teacher = tiny_teacher("llama", layers)
+    spec = StudentSpec.from_pruning(layers)
+    return teacher, prune_copy(teacher, spec, noise=0.05), spec
+
+
 def make_pair(arch: str, layers: int = 6) -> tuple[PreTrainedModel, PreTrainedModel, StudentSpec]:
     teacher = tiny_teacher(arch, layers)
     spec = StudentSpec.from_pruning(layers)

@@ -34,7 +34,7 @@ from boomerang_core.quality.search import (
     select_for_metric,
 )
 from boomerang_core.store import LayerStore
-from tests.tiny import prune_copy, tiny_teacher, tiny_tokenizer
+from tests.tiny import noisy_pair, tiny_tokenizer
 
 LAYERS = 6
 PROMPTS = [
@@ -57,9 +57,7 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def pair() -> tuple[PreTrainedModel, PreTrainedModel, StudentSpec]:
-    teacher = tiny_teacher("llama", LAYERS)
-    spec = StudentSpec.from_pruning(LAYERS)  # blocks [0, 1], [2, 3], [4], [5]
-    return teacher, prune_copy(teacher, spec, noise=0.05), spec
+    return noisy_pair(LAYERS)  # blocks [0, 1], [2, 3], [4], [5]
 
 
 @pytest.fixture(scope="module")

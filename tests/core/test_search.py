@@ -20,7 +20,7 @@ from boomerang_core.plan import SizePlan, plan_for_patched, teacher_plan
 from boomerang_core.quality.scoring import perplexity, score_plans, teacher_pass
 from boomerang_core.quality.search import Path, front_family, k_best_paths, path_plan, search
 from boomerang_core.store import LayerStore
-from tests.tiny import copied_model, prune_copy, tiny_teacher
+from tests.tiny import copied_model, noisy_pair
 
 LAYERS = 6
 
@@ -36,9 +36,7 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def pair() -> tuple[PreTrainedModel, PreTrainedModel, StudentSpec]:
-    teacher = tiny_teacher("llama", LAYERS)
-    spec = StudentSpec.from_pruning(LAYERS)  # blocks [0, 1], [2, 3], [4], [5]
-    return teacher, prune_copy(teacher, spec, noise=0.05), spec
+    return noisy_pair(LAYERS)  # blocks [0, 1], [2, 3], [4], [5]
 
 
 @pytest.fixture(scope="module")
