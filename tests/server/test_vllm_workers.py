@@ -36,7 +36,7 @@ from boomerang_core.assemble import build, export
 from boomerang_core.family import Family
 from boomerang_core.shared_store import share_store
 from boomerang_core.store import LayerStore
-from server.engines.base import EngineError, GenerationRequest, SamplingParams
+from server.engines.base import Engine, EngineError, GenerationRequest, SamplingParams
 from server.engines.vllm.replica import VllmSettings
 from server.engines.vllm.worker import WORKER_RUNTIME_GB, CpuCores, VllmWorker, free_port
 from server.pool.tiers import TierPool, TierSpec
@@ -152,16 +152,7 @@ async def scenario(workdir: Path) -> dict[str, Any]:
         large_task = asyncio.create_task(run(pool, LARGE, "kill-large", greedy(STREAM)))
         await asyncio.wait_for(first.wait(), timeout=60)
         out["killed_stream"], out["other_stream"] = await asyncio.gather(small_task, large_task)
-        healthy_all_along = pool.healthy()
-        for _ in range(600):  # a new worker: ~25 s to start here
-            now = pool.replicas(SMALL)
-            if now and now[0] is not killed and now[0].healthy():
-                break
-            healthy_all_along = healthy_all_along and pool.healthy()
-            await asyncio.sleep(0.5)
-        out["healthy_all_along"] = healthy_all_along
-        out["replaced"] = bool(pool.replicas(SMALL)) and pool.replicas(SMALL)[0] is not killed
-        out["restarts"] = pool.metrics.restarts.labels(SMALL)._value.get()
+        out.update(await replacement(pool, SMALL, killed))
         out["old_group_alive"] = group_alive(killed.proc.pid)  # type: ignore[union-attr]  # stopped seconds ago
         out["after"] = (await run(pool, SMALL, "after", greedy(12)))["tokens"]
         out["hung"] = await hang_a_worker(pool, workers[MID])  # type: ignore[arg-type]
@@ -178,6 +169,21 @@ async def scenario(workdir: Path) -> dict[str, Any]:
     return out
 
 
+async def replacement(pool: TierPool, size: str, old: Engine) -> dict[str, Any]:
+    """Until a healthy replica other than ``old`` serves ``size`` (a new worker: ~25 s to start here):
+    whether the pool stayed healthy all along, whether ``old`` was replaced, and the restarts counted."""
+    healthy_all_along = pool.healthy()
+    for _ in range(600):
+        now = pool.replicas(size)
+        if now and now[0] is not old and now[0].healthy():
+            break
+        healthy_all_along = healthy_all_along and pool.healthy()
+        await asyncio.sleep(0.5)
+    replaced = bool(pool.replicas(size)) and pool.replicas(size)[0] is not old
+    restarts = pool.metrics.restarts.labels(size)._value.get()
+    return {"healthy_all_along": healthy_all_along, "replaced": replaced, "restarts": restarts}
+
+
 async def hang_a_worker(pool: TierPool, hung: VllmWorker) -> dict[str, Any]:
     """SIGSTOP to every process of ``hung`` (a worker of MID) while it streams, then a request that reaches
     it with no token yet; until a replacement serves, the pool's health is sampled."""
@@ -192,17 +198,7 @@ async def hang_a_worker(pool: TierPool, hung: VllmWorker) -> dict[str, Any]:
     streaming = asyncio.create_task(run(pool, MID, "hung-stream", greedy(STREAM), first, suspend))
     await asyncio.wait_for(first.wait(), timeout=60)
     waiting = asyncio.create_task(run(pool, MID, "hung-waiting", greedy(12)))  # goes to the stopped worker
-    out: dict[str, Any] = {"stopped": len(stopped)}
-    healthy_all_along = pool.healthy()
-    for _ in range(600):
-        now = pool.replicas(MID)
-        if now and now[0] is not hung and now[0].healthy():
-            break
-        healthy_all_along = healthy_all_along and pool.healthy()
-        await asyncio.sleep(0.5)
-    out["healthy_all_along"] = healthy_all_along
-    out["replaced"] = bool(pool.replicas(MID)) and pool.replicas(MID)[0] is not hung
-    out["restarts"] = pool.metrics.restarts.labels(MID)._value.get()
+    out: dict[str, Any] = {"stopped": len(stopped), **await replacement(pool, MID, hung)}
     out["stream"], out["waiting"] = await asyncio.gather(streaming, waiting)
     out["after"] = (await run(pool, MID, "after-hung", greedy(12)))["tokens"]
     for _ in range(30):  # orphaned engine processes are killed, then reaped by init a moment later
