@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,30 +59,55 @@ def expected_tokens(family: Family, size: str, n: int) -> list[int]:
     return out[0, len(PROMPT) :].tolist()
 
 
-async def run(
-    pool: TierPool,
-    size: str,
-    rid: str,
-    sampling: SamplingParams,
-    first: asyncio.Event | None = None,
-    at_first: Callable[[], None] | None = None,
-) -> dict[str, Any]:
-    """The request's tokens and error. ``at_first`` runs the moment its first token arrives, before
-    anything else can run: a fault injected there lands while the worker still generates (a tiny
-    model on a quiet machine streams its 500 tokens in well under a second)."""
-    tokens: list[int] = []
+async def run(pool: TierPool, size: str, rid: str, sampling: SamplingParams,
+              first: asyncio.Event | None = None, tokens: list[int] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The request's tokens (also into ``tokens`` as they arrive) and error; ``first`` is set when its
+    first token arrives."""
+    tokens = [] if tokens is None else tokens
     error = None
     try:
         async for event in pool.generate(GenerationRequest(rid, size, PROMPT, sampling)):
             tokens += event.token_ids
-            if tokens and at_first is not None:
-                at_first()
-                at_first = None
             if first is not None and tokens:
                 first.set()
     except EngineError as exc:
         error = str(exc)
     return {"tokens": tokens, "error": error}
+
+
+async def held_stream(pool: TierPool, size: str, rid: str, worker: VllmWorker) -> asyncio.Task[dict[str, Any]]:
+    """A stream of STREAM tokens from ``worker`` that is held mid-way: its engine core (the API server's
+    children) is stopped, let run 20 ms at a time until a token has reached the client, and left stopped.
+    A fault injected then lands mid-stream whatever the machine's speed (a tiny model on a quiet machine
+    streams 500 tokens before a client can act on its first)."""
+    assert worker.proc is not None
+    engine = process_tree(worker.proc.pid)[1:]
+    assert engine, "the vLLM API server has no engine core process"
+    first, tokens = asyncio.Event(), list[int]()
+    for p in engine:
+        p.suspend()
+    task = asyncio.create_task(run(pool, size, rid, greedy(STREAM), first, tokens))
+    for _ in range(3000):
+        for p in engine:
+            p.resume()
+        await asyncio.sleep(0.02)
+        for p in engine:
+            p.suspend()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(first.wait(), timeout=0.3)
+            break
+    else:
+        raise TimeoutError(f"no token of {rid} reached the client")
+    for _ in range(20):  # held: every engine process stopped, and no token arrives for half a second
+        held = len(tokens)
+        await asyncio.sleep(0.5)
+        stopped = all(p.status() == psutil.STATUS_STOPPED for p in engine)
+        if stopped and len(tokens) == held and not task.done():
+            return task
+        for p in engine:
+            p.suspend()
+    states = [(p.name(), p.status()) for p in engine]
+    raise AssertionError(f"{rid} could not be held mid-stream: {len(tokens)} tokens, engine {states}")
 
 
 def process_tree(pid: int) -> list[psutil.Process]:
@@ -146,11 +169,9 @@ async def scenario(workdir: Path) -> dict[str, Any]:
 
         # kill -9 of the small size's API server while it streams; the large size streams on
         killed = workers[SMALL]
-        first = asyncio.Event()
-        kill = functools.partial(os.kill, killed.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
-        small_task = asyncio.create_task(run(pool, SMALL, "kill-small", greedy(STREAM), first, kill))
         large_task = asyncio.create_task(run(pool, LARGE, "kill-large", greedy(STREAM)))
-        await asyncio.wait_for(first.wait(), timeout=60)
+        small_task = await held_stream(pool, SMALL, "kill-small", killed)  # type: ignore[arg-type]
+        os.kill(killed.proc.pid, signal.SIGKILL)  # type: ignore[attr-defined]
         out["killed_stream"], out["other_stream"] = await asyncio.gather(small_task, large_task)
         out.update(await replacement(pool, SMALL, killed))
         out["old_group_alive"] = group_alive(killed.proc.pid)  # type: ignore[union-attr]  # stopped seconds ago
@@ -188,15 +209,10 @@ async def hang_a_worker(pool: TierPool, hung: VllmWorker) -> dict[str, Any]:
     """SIGSTOP to every process of ``hung`` (a worker of MID) while it streams, then a request that reaches
     it with no token yet; until a replacement serves, the pool's health is sampled."""
     assert hung.proc is not None
-    first = asyncio.Event()
     stopped = process_tree(hung.proc.pid)
-
-    def suspend() -> None:
-        for p in stopped:
-            p.suspend()
-
-    streaming = asyncio.create_task(run(pool, MID, "hung-stream", greedy(STREAM), first, suspend))
-    await asyncio.wait_for(first.wait(), timeout=60)
+    streaming = await held_stream(pool, MID, "hung-stream", hung)
+    for p in stopped:
+        p.suspend()
     waiting = asyncio.create_task(run(pool, MID, "hung-waiting", greedy(12)))  # goes to the stopped worker
     out: dict[str, Any] = {"stopped": len(stopped), **await replacement(pool, MID, hung)}
     out["stream"], out["waiting"] = await asyncio.gather(streaming, waiting)
