@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,55 +60,54 @@ def expected_tokens(family: Family, size: str, n: int) -> list[int]:
     return out[0, len(PROMPT) :].tolist()
 
 
-async def run(pool: TierPool, size: str, rid: str, sampling: SamplingParams,
-              first: asyncio.Event | None = None, tokens: list[int] | None = None) -> dict[str, Any]:  # fmt: skip
-    """The request's tokens (also into ``tokens`` as they arrive) and error; ``first`` is set when its
-    first token arrives."""
+async def run(
+    pool: TierPool,
+    size: str,
+    rid: str,
+    sampling: SamplingParams,
+    at_first: Callable[[], None] | None = None,
+    tokens: list[int] | None = None,
+) -> dict[str, Any]:
+    """The request's tokens (also into ``tokens`` as they arrive) and error. ``at_first`` runs the
+    moment its first token arrives, before anything else can run."""
     tokens = [] if tokens is None else tokens
     error = None
     try:
         async for event in pool.generate(GenerationRequest(rid, size, PROMPT, sampling)):
             tokens += event.token_ids
-            if first is not None and tokens:
-                first.set()
+            if tokens and at_first is not None:
+                at_first()
+                at_first = None
     except EngineError as exc:
         error = str(exc)
     return {"tokens": tokens, "error": error}
 
 
 async def held_stream(pool: TierPool, size: str, rid: str, worker: VllmWorker) -> asyncio.Task[dict[str, Any]]:
-    """A stream of STREAM tokens from ``worker`` that is held mid-way: its engine core (the API server's
-    children) is stopped, let run 20 ms at a time until a token has reached the client, and left stopped.
-    A fault injected then lands mid-stream whatever the machine's speed (a tiny model on a quiet machine
-    streams 500 tokens before a client can act on its first)."""
-    assert worker.proc is not None
-    engine = process_tree(worker.proc.pid)[1:]
-    assert engine, "the vLLM API server has no engine core process"
-    first, tokens = asyncio.Event(), list[int]()
-    for p in engine:
-        p.suspend()
-    task = asyncio.create_task(run(pool, size, rid, greedy(STREAM), first, tokens))
-    for _ in range(3000):
-        for p in engine:
-            p.resume()
-        await asyncio.sleep(0.02)
-        for p in engine:
-            p.suspend()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(first.wait(), timeout=0.3)
-            break
-    else:
-        raise TimeoutError(f"no token of {rid} reached the client")
-    for _ in range(20):  # held: every engine process stopped, and no token arrives for half a second
+    """A stream of STREAM tokens from ``worker`` held mid-way, so that a fault lands while it streams:
+    the worker's scheduler is paused (vLLM's ``/pause?mode=keep``, which keeps requests and holds them),
+    the request sent, then ``/resume`` and ``/pause`` again until a token has reached the client, and the
+    stream is checked to stay where it is. A signal cannot do this here: a tiny model streams its 500
+    tokens before a client on a busy event loop acts on its first, and a SIGSTOP of a computing
+    process may land only when it next enters the kernel."""
+    tokens: list[int] = []
+    async with httpx.AsyncClient(base_url=worker.url, timeout=30) as worker_api:
+
+        async def pause() -> None:
+            (await worker_api.post("/pause", params={"mode": "keep"})).raise_for_status()
+
+        await pause()
+        task = asyncio.create_task(run(pool, size, rid, greedy(STREAM), tokens=tokens))
+        for _ in range(100):
+            await asyncio.sleep(0.5)  # the request reaches the scheduler's queue; what was made reaches us
+            if tokens:
+                break
+            (await worker_api.post("/resume")).raise_for_status()
+            await pause()
         held = len(tokens)
         await asyncio.sleep(0.5)
-        stopped = all(p.status() == psutil.STATUS_STOPPED for p in engine)
-        if stopped and len(tokens) == held and not task.done():
-            return task
-        for p in engine:
-            p.suspend()
-    states = [(p.name(), p.status()) for p in engine]
-    raise AssertionError(f"{rid} could not be held mid-stream: {len(tokens)} tokens, engine {states}")
+    assert 0 < held == len(tokens) < STREAM and not task.done(), f"{rid} was not held: {held}, {len(tokens)} tokens"
+    return task
 
 
 def process_tree(pid: int) -> list[psutil.Process]:
@@ -167,10 +167,13 @@ async def scenario(workdir: Path) -> dict[str, Any]:
         out["pss"] = {size: tree_pss(tree) for size, tree in trees.items()}  # the three workers run together
         out["replica_bytes"] = SETTINGS.replica_bytes
 
-        # kill -9 of the small size's API server while it streams; the large size streams on
+        # kill -9 of the small size's API server while it streams (held, so that the kill lands mid-stream)
+        # and while the large size streams; the large one streams on
         killed = workers[SMALL]
-        large_task = asyncio.create_task(run(pool, LARGE, "kill-large", greedy(STREAM)))
         small_task = await held_stream(pool, SMALL, "kill-small", killed)  # type: ignore[arg-type]
+        large_first = asyncio.Event()
+        large_task = asyncio.create_task(run(pool, LARGE, "kill-large", greedy(STREAM), large_first.set))
+        await asyncio.wait_for(large_first.wait(), timeout=60)
         os.kill(killed.proc.pid, signal.SIGKILL)  # type: ignore[attr-defined]
         out["killed_stream"], out["other_stream"] = await asyncio.gather(small_task, large_task)
         out.update(await replacement(pool, SMALL, killed))
@@ -270,7 +273,9 @@ def wait_health(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: flo
 
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    result = asyncio.run(scenario(tmp_path_factory.mktemp("vllm-workers")))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_SERVER_DEV_MODE", "1")  # the workers' /pause and /resume, which hold a stream mid-way
+        result = asyncio.run(scenario(tmp_path_factory.mktemp("vllm-workers")))
     shown = ("pss", "replica_bytes", "store_bytes", "plain")
     print("vllm workers:", json.dumps({k: v for k, v in result.items() if k in shown}))
     faults = {"killed": result["killed_stream"], "hung stream": result["hung"]["stream"],
