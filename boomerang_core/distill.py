@@ -419,11 +419,17 @@ def _mixed_blocks(
 ) -> Tensor:
     """Exactly the budget's blocks (one epoch): ``chat_fraction`` of them the teacher's conversations."""
     total = config.max_steps(world_size) * config.tokens_per_step(world_size) // config.seq_len
-    n_chat = round(config.chat_fraction * total)
+    n_chat = chat_blocks(config, world_size)
     say(f"data mix: {n_chat} of {total} blocks of {config.seq_len} tokens from the teacher's own conversations")
     stream = chat_stream(teacher_source, tokenizer, n_chat * config.seq_len, progress=progress, engine=engine)
     chat = torch.tensor(stream[: n_chat * config.seq_len], dtype=torch.long).view(n_chat, config.seq_len)
     return mix_blocks(general, chat, total, config.chat_fraction, seed=config.seed)  # (total, seq_len)
+
+
+def chat_blocks(config: DistillConfig, world_size: int = 1) -> int:
+    """Blocks of ``config.seq_len`` tokens of the teacher's conversations that ``config`` trains on."""
+    total = config.max_steps(world_size) * config.tokens_per_step(world_size) // config.seq_len
+    return round(config.chat_fraction * total)
 
 
 def _training_args(

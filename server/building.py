@@ -73,7 +73,7 @@ def pending_build(config: DeployConfig) -> BuildJob | None:
     status = Path(settings.status_file) if settings.status_file else student.with_name(student.name + ".build.json")
     command = (
         *base, "--teacher", fc.teacher, "--student", str(student), "--recipe", json.dumps(fc.distill),
-        "--name", fc.name, "--status", str(status),
+        "--name", fc.name, "--metric", fc.search_metric, "--status", str(status),
     )  # fmt: skip
     return BuildJob(command, status, status.with_name(student.name + ".build.log"), fc.teacher, demo=False)
 

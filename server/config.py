@@ -63,6 +63,12 @@ class FamilyConfig(_Section):
         "once while the student is distilled into `student` and its sizes searched in the background, then the "
         "family is loaded live",
     )
+    search_metric: Literal["ppl", "chat_kl"] = Field(
+        default="ppl",
+        description="what chooses the plan served at each layer count when `distill` builds the family: "
+        "calibration perplexity, or `chat_kl` (KL to the teacher per response token on its own conversations; "
+        "a teacher with a chat template)",
+    )
 
     @field_validator("distill")
     @classmethod
