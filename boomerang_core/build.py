@@ -176,19 +176,31 @@ def build_stages(recipe: DistillConfig, metric: str = "ppl", interim: bool = Fal
 
 
 def synthesise(
-    teacher: str | Path, recipe: DistillConfig, metric: str = "ppl", *, train: bool = True, progress: bool = True
+    teacher: str | Path,
+    recipe: DistillConfig,
+    metric: str = "ppl",
+    *,
+    train: bool = True,
+    progress: bool = True,
+    status: BuildStatus | None = None,
 ) -> None:
     """Generate (or find cached) the teacher's conversations that the build needs: the calibration
-    ones the ``chat_kl`` search ranks on, and (``train``) the ``chat_fraction`` of the training tokens."""
+    ones the ``chat_kl`` search ranks on, and (``train``) the ``chat_fraction`` of the training tokens.
+    ``status`` gets the training conversations' progress (the calibration ones are a few)."""
     from boomerang_core.data import chat_stream
     from boomerang_core.distill import chat_blocks
     from boomerang_core.loading import load_tokenizer
     from boomerang_core.synth import teacher_conversations
 
+    def report(held: int, asked: int) -> None:
+        if status is not None and asked:
+            status.progress(held / asked, f"{held}/{asked} teacher conversations")
+
     if metric == "chat_kl":
         teacher_conversations(teacher, SEARCH_CONVERSATIONS, split="calib", progress=progress)
     if train and recipe.chat_fraction > 0:
-        chat_stream(teacher, load_tokenizer(teacher), chat_blocks(recipe) * recipe.seq_len, progress=progress)
+        tokens = chat_blocks(recipe) * recipe.seq_len
+        chat_stream(teacher, load_tokenizer(teacher), tokens, progress=progress, on_progress=report)
 
 
 def pending_size_names(teacher: str | Path, recipe: DistillConfig) -> list[str]:
@@ -221,7 +233,7 @@ def build_family(
     student = Path(student)
     if "synth" in status.stages:
         status.stage("synth", "the teacher writes its own conversations to distil and search on")
-        synthesise(teacher, recipe, metric, train=not finished_student(student), progress=progress)
+        synthesise(teacher, recipe, metric, train=not finished_student(student), progress=progress, status=status)
     if not finished_student(student):
         status.stage("distill", f"distilling {student.name} from {Path(teacher).name}")
         distill(teacher, student, recipe, progress=progress, callbacks=[_StepProgress(status)])

