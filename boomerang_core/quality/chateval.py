@@ -47,6 +47,7 @@ class ChatPoint:
     pydoc_ppl: float | None = None
     general_ppl: float | None = None
     dominated: bool = False
+    key: str = ""  # the plan's SizePlan.key: a family size that IS the teacher has the teacher's
 
     def qa_accuracy(self, questions: int) -> float | None:
         return self.qa_correct / questions if self.qa_correct is not None and questions else None
@@ -113,7 +114,10 @@ class ChatEvalResult:
                     f"teacher {teacher.qa_correct}/{len(self.questions)})."
                 )
         if self.chat_tokens and served and all(p.chat_kl is not None for p in served):
-            chain = [*served, *([teacher] if teacher is not None and teacher not in served else [])]
+            # the teacher ends the chain, unless the largest served size is the teacher itself
+            last = served[-1]
+            same = teacher is not None and (teacher is last or bool(teacher.key) and teacher.key == last.key)
+            chain = [*served, *([teacher] if teacher is not None and not same else [])]
             rises = [(a, b) for a, b in itertools.pairwise(chain) if not _lt(b.chat_kl, a.chat_kl)]
             out.append(
                 f"- **Chat KL falls strictly from the smallest size to the teacher: {'yes' if not rises else 'no'}**"
@@ -241,6 +245,7 @@ def evaluate_chat(
                 pydoc_ppl=pydoc.get(plan.key),
                 general_ppl=general.get(plan.key),
                 dominated=dominated,
+                key=plan.key,
             )
         )
         if qa is not None:

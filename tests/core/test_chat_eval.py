@@ -317,3 +317,7 @@ def test_evaluate_chat_rows_and_reuse(store: LayerStore, conversations: list[dic
     assert by["shortgpt-4"].general_ppl is None and by["l4"].qa_correct in (0, 1)
     assert r.shortgpt_at(6) is by["teacher"] and r.shortgpt_at(4) is by["shortgpt-4"]
     assert r.replies["l6"] == r.replies["teacher"]
+    # l6 is the teacher: the chat KL chain ends there, not at the teacher again (0 -> 0 is no rise)
+    falls = next(v for v in r.verdicts() if "Chat KL falls strictly" in v)
+    assert by["l4"].chat_kl is not None and by["l4"].chat_kl > 0
+    assert "falls strictly from the smallest size to the teacher: yes" in falls, falls
