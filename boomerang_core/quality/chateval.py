@@ -116,7 +116,7 @@ class ChatEvalResult:
         if self.chat_tokens and served and all(p.chat_kl is not None for p in served):
             # the teacher ends the chain, unless the largest served size is the teacher itself
             last = served[-1]
-            same = teacher is not None and (teacher is last or bool(teacher.key) and teacher.key == last.key)
+            same = teacher is not None and (teacher is last or (bool(teacher.key) and teacher.key == last.key))
             chain = [*served, *([teacher] if teacher is not None and not same else [])]
             rises = [(a, b) for a, b in itertools.pairwise(chain) if not _lt(b.chat_kl, a.chat_kl)]
             out.append(
