@@ -49,7 +49,7 @@ CALIB_BLOCKS = 4  # 4 x 256 calibration tokens for the KLPatch order
 SEARCH_CALIB_BLOCKS = 8  # 8 x 256 for the search's KL ranking (the same text, plus as much again)
 SEARCH_K_BEST = 2  # DP proposals scored per layer count (k=2 found the same front as k=3 on the demo)
 # Calibration conversations of the teacher (their own split, apart from training and evaluation) that
-# the chat_kl metric ranks plans on: about 2,000 response tokens, as many as the perplexity ranking's
+# the chat_kl metric ranks plans on: about 2,000 response tokens, as many as the perplexity ranking has
 SEARCH_CONVERSATIONS = 8
 
 

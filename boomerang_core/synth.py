@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import importlib.util
 import json
@@ -413,8 +412,9 @@ def teacher_conversations(
     if len(rows) < count:
         _write_meta(folder, teacher, settings)
         chosen = resolve_engine(teacher, engine)
-        child = functools.partial(_vllm_child, on_progress=on_progress)
-        if chosen == "vllm" and not child(teacher, split, count, settings, folder, batch_size, progress):
+        if chosen == "vllm" and not _vllm_child(
+            teacher, split, count, settings, folder, batch_size, progress, on_progress=on_progress
+        ):
             if engine == "vllm":
                 raise CorpusError("vLLM could not generate the teacher's conversations (see its output above)")
             warnings.warn("vLLM could not generate the conversations: falling back to transformers", stacklevel=2)
@@ -463,11 +463,16 @@ def _vllm_child(
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     with tempfile.TemporaryFile() as out:  # a file, not a pipe: nothing blocks the child while we poll
         proc = subprocess.Popen(argv, env=env, stdout=None if progress else out, stderr=subprocess.STDOUT)
-        while proc.poll() is None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=PROGRESS_EVERY_S)
-            if on_progress is not None:
-                on_progress(min(len(_readable(folder, split)), count), count)
+        try:
+            while proc.poll() is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=PROGRESS_EVERY_S)
+                if on_progress is not None:
+                    on_progress(min(len(_readable(folder, split)), count), count)
+        except BaseException:  # interrupted (or a failing callback): the child does not outlive us
+            proc.kill()
+            proc.wait()
+            raise
         if proc.returncode != 0 and not progress:
             out.seek(0)
             sys.stderr.write(out.read().decode(errors="replace")[-4000:])
