@@ -96,9 +96,12 @@ class BuildStatus:
             return None
         now = time.monotonic()
         in_stage = now - self.stage_started
-        spent = sum(self.done_seconds.values()) + in_stage
         minutes = STAGE_MINUTES
-        expected = sum(minutes[s] for s in self.done_seconds) + minutes[self.stage_name] * self.stage_progress
+        spent = sum(self.done_seconds.values())
+        expected = sum(minutes[s] for s in self.done_seconds)
+        if self.stage_progress >= 0.02:  # before that, time in the stage has no progress to set against it
+            spent += in_stage
+            expected += minutes[self.stage_name] * self.stage_progress
         scale = spent / (60 * expected) if expected > 0 and spent > 5 else 1.0
         if self.stage_progress >= 0.02:
             current = in_stage * (1 - self.stage_progress) / self.stage_progress

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from boomerang_core.build import BuildStatus, build_family, build_stages
+from boomerang_core.build import STAGE_MINUTES, BuildStatus, build_family, build_stages
 from boomerang_core.distill import DistillConfig
 from boomerang_core.errors import BoomerangError
 
@@ -33,3 +33,15 @@ def test_an_unknown_metric_is_refused_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(BoomerangError, match="unknown search metric 'bleu'"):
         build_family(tmp_path / "no-teacher", tmp_path / "student", DistillConfig(), name="x", metric="bleu")
     assert not (tmp_path / "student").exists()
+
+
+def test_time_in_a_stage_before_its_first_progress_does_not_inflate_the_eta() -> None:
+    """The interim stage took its figure; two minutes into synth with no progress yet, the ETA is what
+    is left of synth and distill at their figures (the first start once showed 102 minutes here)."""
+    status = BuildStatus(None, ("interim", "synth", "distill"))
+    status.stage("synth")
+    status.done_seconds = {"interim": STAGE_MINUTES["interim"] * 60}
+    status.stage_started -= 120
+    eta = status.eta_s()
+    expected = (STAGE_MINUTES["synth"] + STAGE_MINUTES["distill"]) * 60 - 120
+    assert eta is not None and eta == pytest.approx(expected, abs=5)
