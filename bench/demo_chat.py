@@ -145,7 +145,8 @@ def main() -> None:
     cmd = "python bench/demo_chat.py" + (f" --conversations {a.conversations}" if a.conversations != 32 else "")
     cmd += " --student STUDENT --status STATUS --out OUT" if a.student else ""
     out = Path(a.out)
-    out.with_suffix(".md").write_text(report(result, family, previous_front(), build_times(status), cmd))
+    prev, times = previous_front(), build_times(status)
+    out.with_suffix(".md").write_text(report(result, family, prev, times, cmd))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,7 +154,6 @@ def main() -> None:
 
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
     chat_plot(result, axes)
-    prev = previous_front()
     params = {s.num_layers: s.params / 1e6 for s in family.sizes}
     xs = [params[n] for n in sorted(prev) if n in params]
     axes[2].plot(xs, [prev[n] for n in sorted(prev) if n in params], marker="x", ls="--", color="tab:gray",
@@ -172,7 +172,7 @@ def main() -> None:
                 "chat_tokens": result.chat_tokens,
                 "seconds": result.seconds,
                 "previous_pydoc_ppl": prev,
-                "build": build_times(status),
+                "build": times,
             },
             indent=1,
         )

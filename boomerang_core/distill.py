@@ -418,7 +418,7 @@ def _mixed_blocks(
     progress: bool,
 ) -> Tensor:
     """Exactly the budget's blocks (one epoch): ``chat_fraction`` of them the teacher's conversations."""
-    total = config.max_steps(world_size) * config.tokens_per_step(world_size) // config.seq_len
+    total = budget_blocks(config, world_size)
     n_chat = chat_blocks(config, world_size)
     say(f"data mix: {n_chat} of {total} blocks of {config.seq_len} tokens from the teacher's own conversations")
     stream = chat_stream(teacher_source, tokenizer, n_chat * config.seq_len, progress=progress, engine=engine)
@@ -426,10 +426,14 @@ def _mixed_blocks(
     return mix_blocks(general, chat, total, config.chat_fraction, seed=config.seed)  # (total, seq_len)
 
 
+def budget_blocks(config: DistillConfig, world_size: int = 1) -> int:
+    """Blocks of ``config.seq_len`` tokens that ``config`` trains on (one epoch of its budget)."""
+    return config.max_steps(world_size) * config.tokens_per_step(world_size) // config.seq_len
+
+
 def chat_blocks(config: DistillConfig, world_size: int = 1) -> int:
-    """Blocks of ``config.seq_len`` tokens of the teacher's conversations that ``config`` trains on."""
-    total = config.max_steps(world_size) * config.tokens_per_step(world_size) // config.seq_len
-    return round(config.chat_fraction * total)
+    """Of :func:`budget_blocks`, those taken from the teacher's conversations."""
+    return round(config.chat_fraction * budget_blocks(config, world_size))
 
 
 def _training_args(
