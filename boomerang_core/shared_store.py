@@ -12,7 +12,9 @@ worker process read the same pages:
 
 The manifest (JSON beside the file) names each tensor by a store key
 (``teacher.layers.3.self_attn.qkv_proj.weight``, ``student.embed.weight``; see :func:`store_tensors`)
-with its byte offset, shape, stride and dtype. Pure torch: no web or vLLM imports.
+with its byte offset, shape, stride and dtype; :func:`store_key` names the key behind a size's
+parameter. :func:`build_mapped` builds a size in another process from the mapping alone (no
+LayerStore, no vLLM), its parameters views of the mapped pages. No web or vLLM imports.
 """
 
 from __future__ import annotations
@@ -21,21 +23,25 @@ import base64
 import json
 import os
 import pickle
+import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from boomerang_core.fused import _FUSED_ATTR, fuse_store
+from boomerang_core.plan import SizePlan
 from boomerang_core.store import LayerStore
 
 _ALIGN = 64  # bytes; every storage starts on a cache line (and on any dtype's itemsize)
 SHM_DIR = Path("/dev/shm")
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,47 @@ def map_shared(manifest_path: str | Path, device_index: int | None = None) -> di
             storage, e["offset"] // dtype.itemsize, tuple(e["shape"]), tuple(e["stride"])
         )
     return out
+
+
+def store_key(name: str, plan: SizePlan) -> str:
+    """The store key of parameter ``name`` of a Llama-family size (transformers' and vLLM's
+    naming: ``model.layers.3.self_attn.q_proj.weight``, vLLM's fused ``qkv_proj`` too) in ``plan``."""
+    if name == "model.embed_tokens.weight":
+        return f"{plan.embed}.embed.weight"
+    if name == "model.norm.weight":
+        return f"{plan.norm}.norm.weight"
+    if name == "lm_head.weight":
+        return f"{plan.head}.head.weight"
+    match = _LAYER_NAME.match(name)
+    if match is None:
+        raise KeyError(f"parameter {name!r} has no counterpart in the store")
+    ref = plan.layers[int(match.group(1))]
+    return f"{ref.source}.layers.{ref.index}.{match.group(2)}"  # e.g. ...self_attn.qkv_proj.weight
+
+
+def build_mapped(tensors: Mapping[str, torch.Tensor], plan: SizePlan, config: PretrainedConfig) -> PreTrainedModel:
+    """The causal LM of ``plan`` (``config``: the size's, ``assemble.size_config``) whose every
+    parameter IS a mapped store tensor (:func:`map_shared`): what another process needs to run a
+    size from the shared store with no copy of its weights. Llama-family naming (:func:`store_key`);
+    the rotary embedding, computed from ``config``, is the only tensor this allocates."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    device = next(iter(tensors.values())).device
+    for module_name, module in list(model.named_modules(remove_duplicate=False)):
+        for leaf, param in list(module.named_parameters(recurse=False, remove_duplicate=False)):
+            name = f"{module_name}.{leaf}" if module_name else leaf
+            source = tensors.get(store_key(name, plan))
+            if source is None or source.shape != param.shape:
+                found = "none" if source is None else tuple(source.shape)
+                raise ValueError(f"{name}: the mapping holds {found}, the size needs {tuple(param.shape)}")
+            module.register_parameter(leaf, nn.Parameter(source, requires_grad=False))
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            parent, _, attr = module_name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, type(module)(config=config).to(device))
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"the mapping left unallocated tensors: {left[:5]}")
+    return model.eval()
 
 
 def manifest_bytes(manifest_path: str | Path) -> int:

@@ -3,14 +3,17 @@ give the same logits as before, and a second mapping of the file sees the very s
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from boomerang_core.assemble import build
+from boomerang_core.assemble import build, size_config
 from boomerang_core.family import Family
 from boomerang_core.fused import is_fused
-from boomerang_core.shared_store import map_shared, share_store, store_tensors
+from boomerang_core.shared_store import build_mapped, map_shared, share_store, store_tensors
 from boomerang_core.store import LayerStore
 from tests.tiny import write_pair
 
@@ -46,3 +49,33 @@ def test_shared_store_is_one_mapping_that_other_mappings_share(tmp_path: Path) -
     own[key][0, 0] = original
     shared.remove()
     assert not shared.data.exists() and not shared.manifest.exists()
+
+
+def test_a_size_built_over_the_mapping_alone_is_the_size(tmp_path: Path) -> None:
+    """build_mapped: the size from map_shared's tensors (no LayerStore), every parameter a view of
+    the mapped pages, gives build(plan)'s logits."""
+    teacher, student = write_pair(tmp_path, "llama", layers=6)
+    family = Family.from_store("tiny", LayerStore.load(teacher, student))
+    store = family.store
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    shared = share_store(store, tmp_path / "shm")
+    mapped = map_shared(shared.manifest)
+    pages = {t.untyped_storage().data_ptr() for t in mapped.values()}
+    for size in family.sizes:
+        model = build_mapped(mapped, size.plan, size_config(store, size.plan))
+        assert {p.untyped_storage().data_ptr() for p in model.parameters()} == pages, size.name
+        assert torch.equal(model(ids).logits, build(size.plan, store)(ids).logits), size.name
+    with pytest.raises(ValueError, match="the mapping holds none"):
+        build_mapped({k: v for k, v in mapped.items() if "norm.weight" not in k or "layers" in k},
+                     family.sizes[0].plan, size_config(store, family.sizes[0].plan))  # fmt: skip
+
+
+def test_gpu_check_maps_the_store_from_a_second_process() -> None:
+    """bench/gpu_check.py's ipc part, on the CPU path (the shared-memory file instead of a CUDA IPC
+    handle): a second process maps the store, builds two sizes and gives the owner's tokens, and
+    the pages it read stay shared."""
+    script = Path(__file__).resolve().parents[2] / "bench" / "gpu_check.py"
+    run = subprocess.run([sys.executable, str(script), "--device", "cpu", "--tiny", "--only", "ipc"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "16 greedy tokens equal" in run.stdout and "ipc: PASS" in run.stdout, run.stdout

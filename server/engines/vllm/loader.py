@@ -21,7 +21,6 @@ The store reaches the loader in one of two ways, named by ``model_loader_extra_c
 from __future__ import annotations
 
 import functools
-import re
 import threading
 import uuid
 from collections.abc import Mapping
@@ -34,11 +33,10 @@ from torch import nn
 from boomerang_core.errors import UnsupportedArchitecture
 from boomerang_core.fused import fuse_store
 from boomerang_core.plan import SizePlan
-from boomerang_core.shared_store import manifest_bytes, map_shared, store_tensors
+from boomerang_core.shared_store import manifest_bytes, map_shared, store_key, store_tensors
 from boomerang_core.store import LayerStore
 
 LOAD_FORMAT = "boomerang_store"
-_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _SUPPORTED_ADAPTERS = ("llama-family",)
 
 
@@ -78,21 +76,6 @@ def _take(token: str) -> StoreOffer:
     if found is None:
         raise RuntimeError(f"no LayerStore was offered under token {token!r} in this process")
     return found
-
-
-def store_key(name: str, plan: SizePlan) -> str:
-    """The store key of vLLM parameter ``name`` (vLLM's Llama-family naming) in ``plan``."""
-    if name == "model.embed_tokens.weight":
-        return f"{plan.embed}.embed.weight"
-    if name == "model.norm.weight":
-        return f"{plan.norm}.norm.weight"
-    if name == "lm_head.weight":
-        return f"{plan.head}.head.weight"
-    match = _LAYER_NAME.match(name)
-    if match is None:
-        raise KeyError(f"vLLM parameter {name!r} has no counterpart in the store")
-    ref = plan.layers[int(match.group(1))]
-    return f"{ref.source}.layers.{ref.index}.{match.group(2)}"  # e.g. ...self_attn.qkv_proj.weight
 
 
 def store_tensor(name: str, offer: StoreOffer) -> torch.Tensor:
