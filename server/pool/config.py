@@ -62,9 +62,10 @@ class VllmEngineConfig(_Section):
 
     ``mode``: ``process`` runs each replica as its own vLLM OpenAI server over the shared store
     (``shared_dir``: where the store's shared-memory file goes; default ``/dev/shm``, else the
-    cache folder), its CPU threads bound to ``cpu_cores_per_worker`` cores (default: the cores but
-    one, kept for the gateway and the workers' API servers, divided by the most workers the tiers may
-    run, so none is oversubscribed); ``in_process`` runs
+    cache folder), its CPU threads bound to ``cpu_cores_per_worker`` cores (default: the cores
+    divided by the most workers the tiers may run, so no two share a core while there are cores
+    enough; one core is kept for the gateway and the workers' API servers when the others still give
+    every worker its share); ``in_process`` runs
     every replica in the gateway on one stepper thread (engines take turns: for comparison and tests).
     ``runtime_gb``: what a replica holds besides the weights and its KV cache; ``null``: the figure
     measured for the mode (a worker: 1.5 GB, its three processes on CPU; an in-process engine: 0.08 GB).

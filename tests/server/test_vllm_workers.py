@@ -37,7 +37,7 @@ from boomerang_core.shared_store import share_store
 from boomerang_core.store import LayerStore
 from server.engines.base import Engine, EngineError, GenerationRequest, SamplingParams
 from server.engines.vllm.replica import VllmSettings
-from server.engines.vllm.worker import WORKER_RUNTIME_GB, CpuCores, VllmWorker, free_port
+from server.engines.vllm.worker import WORKER_RUNTIME_GB, CpuCores, VllmWorker, free_port, worker_cores
 from server.pool.tiers import TierPool, TierSpec
 from tests.tiny import write_pair
 
@@ -343,3 +343,17 @@ def test_cuda_memory_check_counts_the_shared_store_once(tmp_path: Path) -> None:
     assert r["with_report"] == [r["engine_need"]] * 7  # seven workers fit: the store is counted once
     assert r["without_report"][:6] == [r["store"] + r["engine_need"]] * 6  # unreported, each counts it again
     assert isinstance(r["without_report"][6], str) and "less than" in r["without_report"][6]  # and the 7th is refused
+
+
+def test_workers_keep_a_core_for_the_gateway_only_when_each_still_gets_its_own() -> None:
+    assert worker_cores([0, 1, 2, 3], max_workers=3) == [1, 2, 3]  # one core each, core 0 for the servers
+    assert worker_cores([0, 1, 2, 3], max_workers=1, per_worker=2) == [1, 2, 3]
+    assert worker_cores([0, 1], max_workers=1) == [1]
+    assert worker_cores([0, 1], max_workers=2) == [0, 1]  # not two compute threads on core 1
+    assert worker_cores([0, 1, 2, 3], max_workers=2, per_worker=2) == [0, 1, 2, 3]
+    assert worker_cores([5], max_workers=1) == [5]
+    shares = CpuCores(worker_cores([0, 1], max_workers=2), max_workers=2)
+    first = shares.take()
+    assert (first, shares.take()) == ((1,), (0,))  # the demo mix on 2 cores: a core each, core 0 last
+    shares.give(first)
+    assert shares.take() == (1,)

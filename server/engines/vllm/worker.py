@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 WORKER_RUNTIME_GB = 1.5
 # Cores no worker's compute threads bind to: the gateway's and the workers' own API servers and
 # schedulers run there. Without it, on 2 cores, a worker's OpenMP threads spun on both cores against
-# them (vLLM's automatic binding reserves a core per engine for its scheduler the same way).
+# them (vLLM's automatic binding reserves a core per engine for its scheduler the same way). Kept only
+# where the other cores still give every worker one of its own (see :func:`worker_cores`).
 RESERVED_CORES = 1
 _worker_ids = itertools.count()
 _GB = 1e9
@@ -62,8 +63,8 @@ _GB = 1e9
 
 class CpuCores:
     """The cores workers may bind to, cut into equal shares: ``per_worker`` cores each, default the
-    cores divided by ``max_workers`` (at least one). A worker takes the least used share, so no core
-    runs two workers unless more workers run than there are shares."""
+    cores divided by ``max_workers`` (at least one). A worker takes the least used share (:meth:`take`),
+    so no core runs two workers unless more workers run than there are shares."""
 
     def __init__(self, cores: Sequence[int], max_workers: int, per_worker: int | None = None) -> None:
         cores = sorted(cores)
@@ -78,24 +79,36 @@ class CpuCores:
 
     @classmethod
     def of_this_process(cls, max_workers: int, per_worker: int | None = None) -> CpuCores:
-        """The cores this process may run on, less :data:`RESERVED_CORES` (when more than that are
-        left) for the gateway and the workers' API servers and schedulers, which vLLM's own automatic
-        binding also keeps off its compute threads."""
+        """The cores this process may run on, as :func:`worker_cores` leaves them to workers."""
         cores = (
             sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
         )
-        if len(cores) > RESERVED_CORES:
-            cores = cores[RESERVED_CORES:]
-        return cls(cores, max_workers, per_worker)
+        return cls(worker_cores(cores, max_workers, per_worker), max_workers, per_worker)
 
     def take(self) -> tuple[int, ...]:
-        index = min(range(len(self.shares)), key=lambda i: self._users[i])
+        """The least used share; among equals the last, so the first cores, where the gateway and
+        the system usually run, are taken last."""
+        index = min(range(len(self.shares)), key=lambda i: (self._users[i], -i))
         self._users[index] += 1
         return self.shares[index]
 
     def give(self, share: tuple[int, ...]) -> None:
         index = self.shares.index(share)
         self._users[index] = max(0, self._users[index] - 1)
+
+
+def worker_cores(cores: Sequence[int], max_workers: int, per_worker: int | None = None) -> list[int]:
+    """The cores workers' compute threads may bind to: ``cores`` less :data:`RESERVED_CORES` for the
+    gateway and the workers' API servers and schedulers (which vLLM's own automatic binding also keeps
+    off its compute threads), when the rest still give each of ``max_workers`` its ``per_worker``
+    cores (default one). Otherwise all of them: two workers' compute threads on one core would halve
+    both, where the API servers, mostly idle, cost little beside one. On 2 cores with 2 workers of
+    the demo's smallest and largest size, 4 + 4 streams together: 59 to 67 output tokens/s with a core
+    each against 42 to 43 with both on one core (``bench/results/vllm_mix_bench.md``)."""
+    cores = sorted(cores)
+    if len(cores) - RESERVED_CORES >= (per_worker or 1) * max(1, max_workers):
+        return cores[RESERVED_CORES:]
+    return cores
 
 
 def worker_memory_utilization(device_bytes: int, store_bytes: int, kv_bytes: int, runtime_bytes: int) -> float:
