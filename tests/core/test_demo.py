@@ -31,7 +31,7 @@ def test_demo_recipe_is_first4_every2_last2() -> None:
     spec = demo.DEMO_RECIPE.spec(30)
     assert spec.num_student_layers == 18
     assert spec.copied_teacher_layers[:5] == (0, 1, 2, 3, 5) and spec.copied_teacher_layers[-2:] == (28, 29)
-    assert demo.DEMO_RECIPE.learning_rate == 3e-4
+    assert demo.DEMO_RECIPE.learning_rate == 1e-3
 
 
 @pytest.mark.slow
