@@ -195,7 +195,8 @@ def memory(device: str, data: str | None) -> dict[str, int]:
         torch.cuda.synchronize()
         free, total = torch.cuda.mem_get_info()
         return {"used": total - free}
-    return mapping_pages(data) if data else {"private": 0, "shared": 0}
+    assert data is not None, "a CPU store is shared through a file"
+    return mapping_pages(data)
 
 
 def ipc_child(job_path: Path) -> None:

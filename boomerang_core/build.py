@@ -96,19 +96,18 @@ class BuildStatus:
             return None
         now = time.monotonic()
         in_stage = now - self.stage_started
-        minutes = STAGE_MINUTES
-        spent = sum(self.done_seconds.values())
+        minutes, progress = STAGE_MINUTES, self.stage_progress
+        started = progress >= 0.02  # before that, time in the stage has no progress to set against it
+        spent = sum(self.done_seconds.values()) + (in_stage if started else 0.0)
         expected = sum(minutes[s] for s in self.done_seconds)
-        if self.stage_progress >= 0.02:  # before that, time in the stage has no progress to set against it
-            spent += in_stage
-            expected += minutes[self.stage_name] * self.stage_progress
+        expected += minutes[self.stage_name] * progress if started else 0.0
         scale = spent / (60 * expected) if expected > 0 and spent > 5 else 1.0
-        if self.stage_progress >= 0.02:
-            current = in_stage * (1 - self.stage_progress) / self.stage_progress
+        if started:
+            current = in_stage * (1 - progress) / progress
         else:
-            current = max(STAGE_MINUTES[self.stage_name] * 60 * scale - in_stage, 0.0)
+            current = max(minutes[self.stage_name] * 60 * scale - in_stage, 0.0)
         later = self.stages[self.stages.index(self.stage_name) + 1 :]
-        return current + sum(STAGE_MINUTES[s] for s in later) * 60 * scale
+        return current + sum(minutes[s] for s in later) * 60 * scale
 
     def overall(self) -> float:
         total = sum(STAGE_MINUTES[s] for s in self.stages) or 1.0
